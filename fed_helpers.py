@@ -1,0 +1,642 @@
+"""fed_helpers: the reusable pieces of the federated-learning course.
+
+Every definition below is written and explained in exactly one notebook (its docstring
+names which) and imported from here by the notebooks that come after it. The sections
+follow the notebooks in order. `tests/test_sync.py` keeps each definition identical to the
+notebook cell that introduces it (cells whose first line is `#| export`): change the
+notebook, then copy the cell here, or the test fails and shows the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import ray
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------
+# 01_model: the models, and the state dict that travels
+# ----------------------------------------------------------------------------
+
+
+class SimpleNN(nn.Module):
+    """The overview's model: 784 -> 128 -> 10 MLP. Introduced in 01_model."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class TwoNN(nn.Module):
+    """McMahan et al. (2017)'s "2NN": 784 -> 200 -> 200 -> 10 MLP. Introduced in 01_model."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 200)
+        self.fc2 = nn.Linear(200, 200)
+        self.fc3 = nn.Linear(200, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class SmallCNN(nn.Module):
+    """Two 5x5 conv layers (16, 32 channels) with 2x2 max-pooling, then FC 128 -> 10.
+
+    Introduced in 01_model.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 28x28 -> 14x14
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 14x14 -> 7x7
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+MODELS = {"simple": SimpleNN, "2nn": TwoNN, "cnn": SmallCNN}
+
+
+def make_model(name: str = "2nn", seed: int = 0) -> nn.Module:
+    """Build model `name` with weights drawn from `seed`. Introduced in 01_model.
+
+    The global torch random state is left untouched, so building a model never
+    changes what happens next in the notebook.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name]()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable numbers in `model`. Introduced in 01_model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_dict_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of raw tensor data in a state dict: what one model copy costs to send.
+
+    Introduced in 01_model.
+    """
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy `state` into `model`, or raise ValueError saying how they differ.
+
+    Introduced in 01_model.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = {k: (got[k], expected[k]) for k in expected.keys() & got.keys() if got[k] != expected[k]}
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"state dict does not fit {type(model).__name__}: missing keys {missing}, "
+            f"unexpected keys {unexpected}, shapes (got, expected) {wrong}"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch in this process. Introduced in 01_model."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------
+# 02_data: datasets and how they are split across clients
+# ----------------------------------------------------------------------------
+
+DATASETS = {
+    # name: (torchvision class name, pixel mean, pixel std, class names)
+    "fashion_mnist": (
+        "FashionMNIST",
+        0.2860,
+        0.3530,
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    ),
+    "mnist": ("MNIST", 0.1307, 0.3081, [str(d) for d in range(10)]),
+    "synthetic": (None, 0.0, 1.0, [f"class {c}" for c in range(10)]),
+}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def default_data_dir() -> Path:
+    """$FED_DATA_DIR if set, else `data/` at the course's top level. Introduced in 02_data."""
+    if os.environ.get("FED_DATA_DIR"):
+        return Path(os.environ["FED_DATA_DIR"])
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "fed_helpers.py").exists():
+            return folder / "data"
+    return here / "data"
+
+
+def synthetic_dataset(train: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random 28x28 images labelled by a fixed random linear "teacher", so there is
+    something to learn (unlike the overview's random labels). 6,000 train / 1,000 test
+    samples. Introduced in 02_data.
+    """
+    teacher = torch.Generator().manual_seed(seed)
+    w = torch.randn(28 * 28, 10, generator=teacher)
+    g = torch.Generator().manual_seed(seed + (1 if train else 2))
+    x = torch.randn(6000 if train else 1000, 1, 28, 28, generator=g)
+    y = (x.flatten(1) @ w).argmax(1)
+    return x, y
+
+
+def load_dataset(
+    name: str = "fashion_mnist", train: bool = True, root: str | Path | None = None,
+    download: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 28, 28) as normalised float32, and labels (N,) as int64.
+
+    Looks in `root` (default: `default_data_dir()`), then in Debian's
+    /usr/share/datasets/fashion-mnist, then lets torchvision download.
+    Introduced in 02_data.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"dataset name must be one of {sorted(DATASETS)}, got {name!r}")
+    cls_name, mean, std, _ = DATASETS[name]
+    if cls_name is None:
+        return synthetic_dataset(train)
+    import torchvision
+
+    root = Path(root) if root is not None else default_data_dir()
+    raw = root / cls_name / "raw"
+    have = all((raw / f).exists() for f in IDX_FILES)
+    if not have and name == "fashion_mnist" and DEBIAN_FASHION_MNIST.is_dir():
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in IDX_FILES:  # Debian's .gz bytes differ from upstream's: decompress ourselves
+            with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz") as src, open(raw / f, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        have = True
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=download and not have)
+    except Exception as err:  # offline, or download refused
+        hint = ("sudo apt-get install dataset-fashion-mnist  (Debian/Ubuntu), or "
+                if name == "fashion_mnist" else "")
+        raise FileNotFoundError(
+            f"{cls_name} not found in {raw} and could not be downloaded ({err}). To get it: "
+            f"{hint}run `make data` on a machine with internet, or put the four files "
+            f"{IDX_FILES} (or their .gz) into {raw}."
+        ) from err
+    x = ds.data.unsqueeze(1).float().div(255).sub(mean).div(std)
+    return x, ds.targets.long()
+
+
+def _check_split(labels: np.ndarray, num_clients: int, min_size: int = 1) -> int:
+    """Validate the knobs shared by every partitioner; return the sample count.
+
+    Introduced in 02_data.
+    """
+    n = len(labels)
+    if not isinstance(num_clients, (int, np.integer)) or not 1 <= num_clients <= n:
+        raise ValueError(f"num_clients must be an integer in [1, {n}] (the number of samples), "
+                         f"got {num_clients!r}")
+    if not isinstance(min_size, (int, np.integer)) or not 1 <= min_size <= n // num_clients:
+        raise ValueError(f"min_size must be an integer in [1, {n // num_clients}] "
+                         f"(samples / num_clients) for {num_clients} clients, got {min_size!r}")
+    return n
+
+
+def _split_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Turn "sample i belongs to client owner[i]" into one sorted index array per client.
+
+    Introduced in 02_data.
+    """
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=num_clients)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+def partition_iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
+    """Shuffle, then deal out equal shares (sizes differ by at most 1). Introduced in 02_data."""
+    n = _check_split(labels, num_clients)
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, num_clients)]
+
+
+def partition_shards(
+    labels: np.ndarray, num_clients: int, shards_per_client: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """McMahan et al.'s pathological non-IID split: sort by label, cut into
+    num_clients * shards_per_client shards, give each client `shards_per_client` of them.
+    Introduced in 02_data.
+    """
+    n = _check_split(labels, num_clients)
+    if not isinstance(shards_per_client, (int, np.integer)) or not (
+        1 <= shards_per_client <= n // num_clients
+    ):
+        raise ValueError(f"shards_per_client must be an integer in [1, {n // num_clients}], "
+                         f"got {shards_per_client!r}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)  # random order within each label
+    by_label = perm[np.argsort(np.asarray(labels)[perm], kind="stable")]
+    shards = np.array_split(by_label, num_clients * shards_per_client)
+    deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+
+
+def partition_dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float = 0.5, min_size: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """Label skew after Hsu et al. (2019): each class is split across clients in
+    proportions drawn from Dirichlet(alpha); small alpha = few classes per client.
+    Clients below `min_size` then receive random samples from clients above it: one
+    pass, no resampling loop. Introduced in 02_data.
+    """
+    labels = np.asarray(labels)
+    n = _check_split(labels, num_clients, min_size)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (small = strong skew, large = near IID), got {alpha!r}")
+    rng = np.random.default_rng(seed)
+    owner = np.empty(n, dtype=np.int64)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        share = rng.dirichlet(np.full(num_clients, float(alpha)))
+        cuts = np.round(np.cumsum(share)[:-1] * len(idx)).astype(np.int64)
+        owner[idx] = np.repeat(np.arange(num_clients), np.diff(np.r_[0, cuts, len(idx)]))
+    # Top up small clients: every client keeps min_size samples it already has; the rest
+    # of the big clients' samples, in random order, are the pool that the small ones draw from.
+    need = np.maximum(min_size - np.bincount(owner, minlength=num_clients), 0)
+    if need.sum() > 0:
+        shuffled = rng.permutation(n)
+        by_owner = shuffled[np.argsort(owner[shuffled], kind="stable")]
+        starts = np.r_[0, np.cumsum(np.bincount(owner, minlength=num_clients))[:-1]]
+        rank = np.arange(n) - np.repeat(starts, np.bincount(owner, minlength=num_clients))
+        spare = by_owner[rank >= min_size]
+        donated = rng.permutation(spare)[: need.sum()]
+        owner[donated] = np.repeat(np.arange(num_clients), need)
+    return _split_by_owner(owner, num_clients)
+
+
+def partition_quantity_skew(
+    labels: np.ndarray, num_clients: int, beta: float = 0.5, min_size: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """IID labels but unequal sizes: client shares drawn from Dirichlet(beta), each client
+    at least `min_size` samples. Introduced in 02_data.
+    """
+    n = _check_split(labels, num_clients, min_size)
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (small = very unequal sizes), got {beta!r}")
+    rng = np.random.default_rng(seed)
+    extra = rng.multinomial(n - num_clients * min_size, rng.dirichlet(np.full(num_clients, float(beta))))
+    sizes = min_size + extra
+    perm = rng.permutation(n)
+    return [np.sort(part) for part in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+PARTITIONERS = {
+    "iid": partition_iid,
+    "shards": partition_shards,
+    "dirichlet": partition_dirichlet,
+    "quantity": partition_quantity_skew,
+}
+
+
+def make_partition(
+    scheme: str, labels: np.ndarray, num_clients: int, seed: int = 0, **knobs
+) -> list[np.ndarray]:
+    """Split by the named scheme; `knobs` go to its partitioner. Introduced in 02_data."""
+    if scheme not in PARTITIONERS:
+        raise ValueError(f"partition scheme must be one of {sorted(PARTITIONERS)}, got {scheme!r}")
+    return PARTITIONERS[scheme](np.asarray(labels), num_clients, seed=seed, **knobs)
+
+
+def label_counts(partitions: Sequence[np.ndarray], labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
+    """(clients, classes) matrix: how many samples of each class each client holds.
+
+    Introduced in 02_data.
+    """
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in partitions])
+
+
+def label_skew(counts: np.ndarray) -> float:
+    """Mean total-variation distance between each client's label mix and the overall
+    mix: 0 for identical mixes, near 1 when clients hold disjoint classes.
+    Introduced in 02_data.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    overall = counts.sum(0) / counts.sum()
+    per_client = counts / counts.sum(1, keepdims=True)
+    return float(0.5 * np.abs(per_client - overall).sum(1).mean())
+
+
+def plot_label_distribution(
+    counts: np.ndarray, class_names: Sequence[str] | None = None, title: str = "", ax=None
+):
+    """Stacked bars: samples of each class held by each client. Introduced in 02_data."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = np.zeros(len(counts))
+    colors = plt.get_cmap("tab10")
+    for c in range(counts.shape[1]):
+        name = class_names[c] if class_names is not None else f"class {c}"
+        ax.bar(np.arange(len(counts)), counts[:, c], bottom=bottom, color=colors(c % 10), label=name)
+        bottom += counts[:, c]
+    ax.set_xlabel("client id")
+    ax.set_ylabel("samples (count)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return ax
+
+
+# ----------------------------------------------------------------------------
+# 03_local_training: one client trains and is evaluated
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` PyTorch threads. The thread count changes the order of
+    float additions, hence the last bits of the result. Introduced in 03_local_training.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_training_knobs(epochs: int, batch_size: int, lr: float) -> None:
+    """Raise ValueError naming the first local-training knob out of range.
+
+    Introduced in 03_local_training.
+    """
+    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+
+
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 1,
+    batch_size: int = 32, lr: float = 0.05, seed: int = 0,
+) -> list[float]:
+    """Plain SGD on cross-entropy; returns the mean training loss of each epoch.
+
+    The batch order comes from `seed` alone. Introduced in 03_local_training.
+    """
+    check_training_knobs(epochs, batch_size, lr)
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number (>= 1) of samples, got {len(x)} and {len(y)}")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            batch = order[start : start + batch_size]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(batch)
+        losses.append(total / len(x))
+    return losses
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy in [0, 1]) of `model` on (x, y).
+
+    Introduced in 03_local_training.
+    """
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        out = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss += F.cross_entropy(out, target, reduction="sum").item()
+        correct += (out.argmax(1) == target).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+# ----------------------------------------------------------------------------
+# 04_remote_train_aggregate: Ray tasks and weighted FedAvg
+# ----------------------------------------------------------------------------
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Start Ray once per kernel; running it again does nothing. Introduced in
+    04_remote_train_aggregate.
+    """
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, logging_level="ERROR",
+                 ignore_reinit_error=True)
+
+
+def client_update(
+    global_state: dict[str, torch.Tensor], x_all: np.ndarray, y_all: np.ndarray,
+    indices: np.ndarray, model_name: str = "2nn", epochs: int = 1, batch_size: int = 32,
+    lr: float = 0.05, seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """One client's work in a round: start from the global weights, train on its own
+    samples, return (new weights, number of samples, last epoch's training loss).
+
+    One PyTorch thread, so the result is bit-identical wherever it runs.
+    Introduced in 04_remote_train_aggregate.
+    """
+    with torch_threads(1):
+        model = load_weights(make_model(model_name), global_state)
+        x = torch.from_numpy(x_all[indices])  # fancy indexing copies just this client's rows
+        y = torch.from_numpy(y_all[indices])
+        losses = train_local(model, x, y, epochs, batch_size, lr, seed)
+    return model.state_dict(), len(indices), losses[-1]
+
+
+client_update_remote = ray.remote(num_cpus=1)(client_update)
+
+
+def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted average of client states: sum_k w_k * state_k / sum_k w_k, each tensor
+    accumulated in float64 in the given order. Weights are usually sample counts.
+    Introduced in 04_remote_train_aggregate.
+    """
+    if len(states) == 0:
+        raise ValueError("states must hold at least 1 client state, got 0")
+    if len(weights) != len(states):
+        raise ValueError(f"weights must have one entry per state ({len(states)}), got {len(weights)}")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and sum to > 0, got {list(weights)}")
+    first = states[0]
+    for i, s in enumerate(states[1:], start=1):
+        if s.keys() != first.keys() or any(s[k].shape != first[k].shape for k in first):
+            raise ValueError(f"states[{i}] has other keys or shapes than states[0]: "
+                             "all clients must train the same model")
+    out = {}
+    for k, ref in first.items():
+        if not ref.is_floating_point():
+            out[k] = ref.clone()  # e.g. integer counters: averaging makes no sense
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for wk, s in zip(w / w.sum(), states):
+            acc += float(wk) * s[k].to(torch.float64)
+        out[k] = acc.to(ref.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 05_round_loop: the full FedAvg round loop
+# ----------------------------------------------------------------------------
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> np.ndarray:
+    """The sorted ids of the max(1, round(fraction * num_clients)) clients that take part
+    in round `round_idx`; the same (seed, round) always gives the same clients.
+    Introduced in 05_round_loop.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"client_fraction must be in (0, 1], got {fraction!r}")
+    m = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng([seed, round_idx])
+    return np.sort(rng.choice(num_clients, size=m, replace=False))
+
+
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """A seed for one client in one round, derived from the run's seed.
+
+    Introduced in 05_round_loop.
+    """
+    return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
+
+
+def run_federated(
+    model_name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+    partitions: Sequence[np.ndarray], rounds: int = 10, client_fraction: float = 1.0,
+    local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
+    use_ray: bool = True, on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """FedAvg (McMahan et al. 2017): each round, sample clients, train them from the
+    global model (on Ray in parallel, or one after another), average their weights by
+    sample count, evaluate. Returns the final model and one history row per round.
+    Introduced in 05_round_loop.
+    """
+    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not 0 < client_fraction <= 1:
+        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
+    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
+        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
+    check_training_knobs(local_epochs, batch_size, lr)
+    model = make_model(model_name, seed)
+    x_all, y_all = train[0].numpy(), train[1].numpy()
+    if use_ray:
+        init_ray()
+        x_all, y_all = ray.put(x_all), ray.put(y_all)  # into the object store once, not once per task
+    history: list[dict] = []
+    for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
+        start = time.perf_counter()
+        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
+        state = model.state_dict()
+        jobs = [(state, x_all, y_all, partitions[k], model_name, local_epochs, batch_size, lr,
+                 client_seed(seed, rnd, k)) for k in clients]
+        if use_ray:
+            state_ref = ray.put(state)  # once per round, shared by every client
+            results = ray.get([client_update_remote.remote(state_ref, *job[1:]) for job in jobs])
+        else:
+            results = [client_update(*job) for job in jobs]
+        # results are in client-id order, whatever order the clients finished in
+        load_weights(model, fedavg([r[0] for r in results], [r[1] for r in results]))
+        loss, acc = evaluate(model, *test)
+        sizes = np.array([r[1] for r in results])
+        history.append({
+            "round": rnd,
+            "accuracy": acc,
+            "loss": loss,
+            "train_loss": float(np.dot(sizes, [r[2] for r in results]) / sizes.sum()),
+            "clients": len(clients),
+            "seconds": time.perf_counter() - start,
+            "bytes_sent": 2 * len(clients) * state_dict_bytes(state),  # down + up
+        })
+        if on_round is not None:
+            on_round(history)
+    return model, history
+
+
+def plot_history(histories: dict[str, list[dict]], baseline: float | None = None):
+    """Test accuracy and loss per round, one line per run, side by side.
+
+    `baseline` draws a centralized accuracy for reference. Introduced in 05_round_loop.
+    """
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, hist in histories.items():
+        rounds = [h["round"] for h in hist]
+        ax_acc.plot(rounds, [100 * h["accuracy"] for h in hist], marker="o", label=label)
+        ax_loss.plot(rounds, [h["loss"] for h in hist], marker="o", label=label)
+    if baseline is not None:
+        ax_acc.axhline(100 * baseline, color="gray", linestyle="--", label="centralized")
+    ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="Global model accuracy")
+    ax_loss.set(xlabel="round", ylabel="test loss (cross-entropy)", title="Global model loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def live_plot(label: str, earlier: dict[str, list[dict]] | None = None, baseline: float | None = None):
+    """An `on_round` callback that redraws `plot_history` in place after every round,
+    with finished runs in `earlier` shown alongside. Introduced in 05_round_loop.
+    """
+    from IPython.display import display
+
+    handle = None
+
+    def update(history: list[dict]) -> None:
+        nonlocal handle
+        fig = plot_history({**(earlier or {}), label: history}, baseline)
+        if handle is None:
+            handle = display(fig, display_id=True)
+        else:
+            handle.update(fig)
+        plt.close(fig)
+
+    return update

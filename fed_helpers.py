@@ -132,6 +132,7 @@ def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch in this process. Introduced in 01_model."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = int(seed)  # random.seed rejects NumPy integers
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -463,13 +464,13 @@ def evaluate(
 # ----------------------------------------------------------------------------
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Start Ray once per kernel; running it again does nothing. Introduced in
-    04_remote_train_aggregate.
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> str:
+    """Start Ray once per kernel (running it again is harmless) and return the
+    dashboard's address ("" when it is off). Introduced in 04_remote_train_aggregate.
     """
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, logging_level="ERROR",
-                 ignore_reinit_error=True)
+    ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, logging_level="ERROR",
+                   ignore_reinit_error=True)
+    return ctx.dashboard_url or ""
 
 
 def client_update(

@@ -216,8 +216,8 @@ def load_dataset(
                 if name == "fashion_mnist" else "")
         raise FileNotFoundError(
             f"{cls_name} not found in {raw} and could not be downloaded ({err}). To get it: "
-            f"{hint}run `make data` on a machine with internet, or put the four files "
-            f"{IDX_FILES} (or their .gz) into {raw}."
+            f"{hint}run `make data` on a machine with internet, or put the four "
+            f"decompressed files {IDX_FILES} into {raw}."
         ) from err
     x = ds.data.unsqueeze(1).float().div(255).sub(mean).div(std)
     return x, ds.targets.long()
@@ -449,6 +449,8 @@ def evaluate(
 
     Introduced in 03_local_training.
     """
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number (>= 1) of samples, got {len(x)} and {len(y)}")
     model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):

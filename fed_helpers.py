@@ -643,3 +643,159 @@ def live_plot(label: str, earlier: dict[str, list[dict]] | None = None, baseline
         plt.close(fig)
 
     return update
+
+
+# ----------------------------------------------------------------------------
+# 07_scaling_with_ray: a pool of long-lived actors and streaming aggregation
+# ----------------------------------------------------------------------------
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    """All of `model`'s parameters as one float32 vector (a copy), in state-dict order.
+
+    One flat buffer is cheaper to send than a dict of tensors. Introduced in 07_scaling_with_ray.
+    """
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def train_client_flat(
+    model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray,
+    epochs: int, batch_size: int, lr: float, seed: int,
+) -> tuple[int, float, np.ndarray]:
+    """`client_update` for a model that is reused between clients: load the flat global
+    `weights` into `model`, train, return (samples, last loss, new flat weights).
+    Bit-identical to `client_update`. Introduced in 07_scaling_with_ray.
+    """
+    with torch_threads(1):
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(np.array(weights)), model.parameters())
+        x = torch.from_numpy(x_all[indices])
+        y = torch.from_numpy(y_all[indices])
+        losses = train_local(model, x, y, epochs, batch_size, lr, seed)
+        return len(indices), losses[-1], flat_weights(model).numpy()
+
+
+@ray.remote(num_cpus=1)
+class ClientTrainer:
+    """A long-lived Ray worker that keeps the dataset and one model between rounds and
+    trains whichever clients it is given. Introduced in 07_scaling_with_ray.
+    """
+
+    def __init__(self, x_all: np.ndarray, y_all: np.ndarray, model_name: str):
+        torch.set_num_threads(1)
+        self.x_all, self.y_all = x_all, y_all  # zero-copy views of the object store
+        self.model = make_model(model_name)
+
+    def train(self, weights: np.ndarray, jobs: list[tuple[int, np.ndarray, int]], epochs: int,
+              batch_size: int, lr: float) -> list[tuple[int, int, float, np.ndarray]]:
+        """Train each (client id, indices, seed) job; return (id, samples, loss, weights)."""
+        return [(cid, *train_client_flat(self.model, weights, self.x_all, self.y_all, idx, epochs,
+                                         batch_size, lr, seed)) for cid, idx, seed in jobs]
+
+    def node_id(self) -> str:
+        """The Ray node this actor lives on."""
+        return ray.get_runtime_context().get_node_id()
+
+
+def stream_in_order(workers: list, weights_ref, chunks: list[list], args: tuple) -> Iterator[tuple]:
+    """Hand `chunks` of client jobs to `workers`, keeping two chunks queued per worker,
+    and yield each client's result as soon as it and every chunk before it have
+    arrived: results come out in chunk order whatever order the workers finish in.
+    Introduced in 07_scaling_with_ray.
+    """
+    pending, arrived, submitted, next_out = {}, {}, 0, 0
+
+    def submit(worker: int) -> None:
+        nonlocal submitted
+        pending[workers[worker].train.remote(weights_ref, chunks[submitted], *args)] = (submitted, worker)
+        submitted += 1
+
+    for i in range(min(len(chunks), 2 * len(workers))):
+        submit(i % len(workers))
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        i, worker = pending.pop(done)
+        arrived[i] = ray.get(done)
+        if submitted < len(chunks):
+            submit(worker)
+        while next_out in arrived:
+            yield from arrived.pop(next_out)
+            next_out += 1
+
+
+def run_federated_pool(
+    model_name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+    partitions: Sequence[np.ndarray], rounds: int = 10, client_fraction: float = 1.0,
+    local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
+    num_workers: int | None = None, use_ray: bool = True, chunk_size: int | None = None,
+    on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """FedAvg at scale: the same math as `run_federated`, bit for bit, but clients are
+    trained in chunks by `num_workers` long-lived `ClientTrainer` actors (default: one per
+    CPU), global weights travel as one flat buffer put once per round, and results are
+    folded into a float64 sum in client-id order as they arrive, so the driver never
+    holds all client models at once. With `use_ray=False` the same code runs in this
+    process, one client after another: the compute floor. Introduced in 07_scaling_with_ray.
+    """
+    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not 0 < client_fraction <= 1:
+        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
+    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
+        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
+    if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 1):
+        raise ValueError(f"num_workers must be an integer >= 1 or None (one per CPU), got {num_workers!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    check_training_knobs(local_epochs, batch_size, lr)
+    engine_start = time.perf_counter()
+    model = make_model(model_name, seed)
+    x_np, y_np = train[0].numpy(), train[1].numpy()
+    if use_ray:
+        init_ray()
+        num_workers = num_workers or int(ray.available_resources().get("CPU", 1)) or 1
+        x_ref, y_ref = ray.put(x_np), ray.put(y_np)
+        workers = [ClientTrainer.remote(x_ref, y_ref, model_name) for _ in range(num_workers)]
+    else:
+        local = make_model(model_name)
+    history: list[dict] = []
+    for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
+        start = time.perf_counter()
+        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
+        sizes = np.array([len(partitions[k]) for k in clients], dtype=np.float64)
+        coef = sizes / sizes.sum()
+        jobs = [(int(k), partitions[k], client_seed(seed, rnd, k)) for k in clients]
+        weights = flat_weights(model).numpy()
+        if use_ray:
+            size = chunk_size or max(1, len(jobs) // (8 * num_workers))  # ~8 chunks per worker: balanced
+            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            results = stream_in_order(workers, ray.put(weights), chunks, (local_epochs, batch_size, lr))
+        else:
+            results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, local_epochs, batch_size, lr, s))
+                       for cid, idx, s in jobs)
+        total = torch.zeros(len(weights), dtype=torch.float64)
+        loss_sum = 0.0
+        for pos, (cid, n, loss, w) in enumerate(results):  # client-id order: a fixed summation order
+            assert cid == clients[pos]
+            if pos == 0:
+                first_result = time.perf_counter() - engine_start
+            total += float(coef[pos]) * torch.tensor(w, dtype=torch.float64)
+            loss_sum += n * loss
+        torch.nn.utils.vector_to_parameters(total.to(torch.float32), model.parameters())
+        loss, acc = evaluate(model, *test)
+        history.append({
+            "round": rnd,
+            "accuracy": acc,
+            "loss": loss,
+            "train_loss": loss_sum / sizes.sum(),
+            "clients": len(clients),
+            "seconds": time.perf_counter() - start,
+            "bytes_sent": 2 * len(clients) * weights.nbytes,
+            "first_result": first_result,  # seconds from engine start to this round's first client result
+            "elapsed": time.perf_counter() - engine_start,
+        })
+        if on_round is not None:
+            on_round(history)
+    if use_ray:
+        for w in workers:
+            ray.kill(w)
+    return model, history

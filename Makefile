@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/FashionMNIST/raw/train-images-idx3-ubyte
 
-.PHONY: setup data run test lab clean
+.PHONY: setup data run test bench lab clean
 
 setup: $(STAMP) $(DATA)                      ## create .venv, install pinned packages, get the data
 
@@ -27,6 +27,9 @@ test: setup                                  ## lint, unit tests, module/noteboo
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 notebooks
+
+bench: setup                                 ## measure the round loop: W1 classroom run, W2 scale (JSON in benchmarks/)
+	$(PY) benchmarks/bench.py
 
 lab: setup                                   ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/

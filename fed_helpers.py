@@ -551,6 +551,23 @@ def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
 
+def check_round_knobs(
+    rounds: int, client_fraction: float, partitions: Sequence[np.ndarray], local_epochs: int,
+    batch_size: int, lr: float,
+) -> None:
+    """Raise ValueError naming the first round-loop knob out of range, before any work.
+
+    Introduced in 05_round_loop.
+    """
+    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not 0 < client_fraction <= 1:
+        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
+    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
+        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
+    check_training_knobs(local_epochs, batch_size, lr)
+
+
 def run_federated(
     model_name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
     partitions: Sequence[np.ndarray], rounds: int = 10, client_fraction: float = 1.0,
@@ -562,13 +579,7 @@ def run_federated(
     sample count, evaluate. Returns the final model and one history row per round.
     Introduced in 05_round_loop.
     """
-    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if not 0 < client_fraction <= 1:
-        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
-    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
-        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
-    check_training_knobs(local_epochs, batch_size, lr)
+    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr)
     model = make_model(model_name, seed)
     x_all, y_all = train[0].numpy(), train[1].numpy()
     if use_ray:
@@ -736,17 +747,11 @@ def run_federated_pool(
     holds all client models at once. With `use_ray=False` the same code runs in this
     process, one client after another: the compute floor. Introduced in 07_scaling_with_ray.
     """
-    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if not 0 < client_fraction <= 1:
-        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
-    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
-        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
+    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr)
     if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 1):
         raise ValueError(f"num_workers must be an integer >= 1 or None (one per CPU), got {num_workers!r}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
-    check_training_knobs(local_epochs, batch_size, lr)
     engine_start = time.perf_counter()
     model = make_model(model_name, seed)
     x_np, y_np = train[0].numpy(), train[1].numpy()
@@ -758,44 +763,46 @@ def run_federated_pool(
     else:
         local = make_model(model_name)
     history: list[dict] = []
-    for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
-        start = time.perf_counter()
-        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
-        sizes = np.array([len(partitions[k]) for k in clients], dtype=np.float64)
-        coef = sizes / sizes.sum()
-        jobs = [(int(k), partitions[k], client_seed(seed, rnd, k)) for k in clients]
-        weights = flat_weights(model).numpy()
+    try:  # however the loop ends (even Ctrl-C), stop the actors: no leaked workers
+        for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
+            start = time.perf_counter()
+            clients = sample_clients(len(partitions), client_fraction, seed, rnd)
+            sizes = np.array([len(partitions[k]) for k in clients], dtype=np.float64)
+            coef = sizes / sizes.sum()
+            jobs = [(int(k), partitions[k], client_seed(seed, rnd, k)) for k in clients]
+            weights = flat_weights(model).numpy()
+            if use_ray:
+                size = chunk_size or max(1, len(jobs) // (8 * num_workers))  # ~8 chunks per worker: balanced
+                chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+                results = stream_in_order(workers, ray.put(weights), chunks, (local_epochs, batch_size, lr))
+            else:
+                results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, local_epochs, batch_size, lr, s))
+                           for cid, idx, s in jobs)
+            total = torch.zeros(len(weights), dtype=torch.float64)
+            loss_sum = 0.0
+            for pos, (cid, n, loss, w) in enumerate(results):  # client-id order: a fixed summation order
+                assert cid == clients[pos]
+                if pos == 0:
+                    first_result = time.perf_counter() - engine_start
+                total += float(coef[pos]) * torch.tensor(w, dtype=torch.float64)
+                loss_sum += n * loss
+            torch.nn.utils.vector_to_parameters(total.to(torch.float32), model.parameters())
+            loss, acc = evaluate(model, *test)
+            history.append({
+                "round": rnd,
+                "accuracy": acc,
+                "loss": loss,
+                "train_loss": loss_sum / sizes.sum(),
+                "clients": len(clients),
+                "seconds": time.perf_counter() - start,
+                "bytes_sent": 2 * len(clients) * weights.nbytes,
+                "first_result": first_result,  # seconds from engine start to this round's first client result
+                "elapsed": time.perf_counter() - engine_start,
+            })
+            if on_round is not None:
+                on_round(history)
+    finally:
         if use_ray:
-            size = chunk_size or max(1, len(jobs) // (8 * num_workers))  # ~8 chunks per worker: balanced
-            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            results = stream_in_order(workers, ray.put(weights), chunks, (local_epochs, batch_size, lr))
-        else:
-            results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, local_epochs, batch_size, lr, s))
-                       for cid, idx, s in jobs)
-        total = torch.zeros(len(weights), dtype=torch.float64)
-        loss_sum = 0.0
-        for pos, (cid, n, loss, w) in enumerate(results):  # client-id order: a fixed summation order
-            assert cid == clients[pos]
-            if pos == 0:
-                first_result = time.perf_counter() - engine_start
-            total += float(coef[pos]) * torch.tensor(w, dtype=torch.float64)
-            loss_sum += n * loss
-        torch.nn.utils.vector_to_parameters(total.to(torch.float32), model.parameters())
-        loss, acc = evaluate(model, *test)
-        history.append({
-            "round": rnd,
-            "accuracy": acc,
-            "loss": loss,
-            "train_loss": loss_sum / sizes.sum(),
-            "clients": len(clients),
-            "seconds": time.perf_counter() - start,
-            "bytes_sent": 2 * len(clients) * weights.nbytes,
-            "first_result": first_result,  # seconds from engine start to this round's first client result
-            "elapsed": time.perf_counter() - engine_start,
-        })
-        if on_round is not None:
-            on_round(history)
-    if use_ray:
-        for w in workers:
-            ray.kill(w)
+            for w in workers:
+                ray.kill(w)
     return model, history

@@ -757,7 +757,7 @@ def run_federated_pool(
     x_np, y_np = train[0].numpy(), train[1].numpy()
     if use_ray:
         init_ray()
-        num_workers = num_workers or int(ray.available_resources().get("CPU", 1)) or 1
+        num_workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # one per CPU
         x_ref, y_ref = ray.put(x_np), ray.put(y_np)
         workers = [ClientTrainer.remote(x_ref, y_ref, model_name) for _ in range(num_workers)]
     else:

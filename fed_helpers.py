@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import inspect
+import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -80,7 +83,28 @@ class SmallCNN(nn.Module):
         return self.fc2(x)
 
 
-MODELS = {"simple": SimpleNN, "2nn": TwoNN, "cnn": SmallCNN}
+class LeNet5(nn.Module):
+    """LeCun et al. (1998)'s LeNet-5 for 28x28 images: conv 6@5x5 (padded), 2x2 max-pool,
+    conv 16@5x5, 2x2 max-pool, then FC 120 -> 84 -> 10, with ReLU. Introduced in 01_model.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 28x28 -> 14x14
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 14x14 -> 10x10 -> 5x5
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+MODELS = {"simple": SimpleNN, "2nn": TwoNN, "cnn": SmallCNN, "lenet": LeNet5}
 
 
 def make_model(name: str = "2nn", seed: int = 0) -> nn.Module:
@@ -276,6 +300,36 @@ def partition_shards(
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
 
 
+def partition_classes(
+    labels: np.ndarray, num_clients: int, classes_per_client: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """Every client holds exactly `classes_per_client` distinct classes (the "#C = k" split
+    of Li et al.'s NIID-Bench, 2022). Classes are put in a random ring and client k takes
+    the k-th class and the ones after it; each class is shared equally by the clients that
+    hold it. Introduced in 02_data.
+    """
+    labels = np.asarray(labels)
+    n = _check_split(labels, num_clients)
+    classes = np.unique(labels)
+    if not isinstance(classes_per_client, (int, np.integer)) or not 1 <= classes_per_client <= len(classes):
+        raise ValueError(f"classes_per_client must be an integer in [1, {len(classes)}] (the number of "
+                         f"classes), got {classes_per_client!r}")
+    if num_clients + classes_per_client - 1 < len(classes):
+        raise ValueError(f"num_clients + classes_per_client - 1 must be >= {len(classes)} (the number of "
+                         f"classes), or some classes would be held by nobody; got {num_clients} clients "
+                         f"with {classes_per_client} classes each")
+    rng = np.random.default_rng(seed)
+    ring = rng.permutation(classes)
+    held = [ring[(k + np.arange(classes_per_client)) % len(classes)] for k in range(num_clients)]
+    owner = np.empty(n, dtype=np.int64)
+    for c in classes:
+        holders = [k for k in range(num_clients) if c in held[k]]
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for k, part in zip(holders, np.array_split(idx, len(holders))):
+            owner[part] = k
+    return _split_by_owner(owner, num_clients)
+
+
 def partition_dirichlet(
     labels: np.ndarray, num_clients: int, alpha: float = 0.5, min_size: int = 2, seed: int = 0
 ) -> list[np.ndarray]:
@@ -328,6 +382,7 @@ def partition_quantity_skew(
 PARTITIONERS = {
     "iid": partition_iid,
     "shards": partition_shards,
+    "classes": partition_classes,
     "dirichlet": partition_dirichlet,
     "quantity": partition_quantity_skew,
 }
@@ -399,7 +454,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_training_knobs(epochs: int, batch_size: int, lr: float) -> None:
+def check_training_knobs(
+    epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> None:
     """Raise ValueError naming the first local-training knob out of range.
 
     Introduced in 03_local_training.
@@ -410,21 +467,27 @@ def check_training_knobs(epochs: int, batch_size: int, lr: float) -> None:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
 def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 1,
-    batch_size: int = 32, lr: float = 0.05, seed: int = 0,
+    batch_size: int = 32, lr: float = 0.05, seed: int = 0, momentum: float = 0.0,
+    weight_decay: float = 0.0, grad_hook: Callable[[], None] | None = None,
 ) -> list[float]:
-    """Plain SGD on cross-entropy; returns the mean training loss of each epoch.
-
-    The batch order comes from `seed` alone. Introduced in 03_local_training.
+    """SGD (optionally with momentum and weight decay) on cross-entropy; returns the mean
+    training loss of each epoch. The batch order comes from `seed` alone. `grad_hook`, if
+    given, runs after each backward pass, before the step, and may change the gradients
+    (notebook 06 uses it for FedProx and SCAFFOLD). Introduced in 03_local_training.
     """
-    check_training_knobs(epochs, batch_size, lr)
+    check_training_knobs(epochs, batch_size, lr, momentum, weight_decay)
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"x and y must hold the same number (>= 1) of samples, got {len(x)} and {len(y)}")
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     losses = []
     for _ in range(epochs):
@@ -435,6 +498,8 @@ def train_local(
             opt.zero_grad()
             loss = F.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
+            if grad_hook is not None:
+                grad_hook()
             opt.step()
             total += loss.item() * len(batch)
         losses.append(total / len(x))
@@ -553,7 +618,7 @@ def client_seed(seed: int, round_idx: int, client_id: int) -> int:
 
 def check_round_knobs(
     rounds: int, client_fraction: float, partitions: Sequence[np.ndarray], local_epochs: int,
-    batch_size: int, lr: float,
+    batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
 ) -> None:
     """Raise ValueError naming the first round-loop knob out of range, before any work.
 
@@ -565,7 +630,7 @@ def check_round_knobs(
         raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
     if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
         raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
-    check_training_knobs(local_epochs, batch_size, lr)
+    check_training_knobs(local_epochs, batch_size, lr, momentum, weight_decay)
 
 
 def run_federated(
@@ -657,32 +722,353 @@ def live_plot(label: str, earlier: dict[str, list[dict]] | None = None, baseline
 
 
 # ----------------------------------------------------------------------------
-# 07_scaling_with_ray: a pool of long-lived actors and streaming aggregation
+# 06_client_drift: strategies beyond FedAvg (FedProx, server optimizers, SCAFFOLD)
 # ----------------------------------------------------------------------------
 
 
 def flat_weights(model: nn.Module) -> torch.Tensor:
     """All of `model`'s parameters as one float32 vector (a copy), in state-dict order.
 
-    One flat buffer is cheaper to send than a dict of tensors. Introduced in 07_scaling_with_ray.
+    Strategies do their arithmetic on this vector. Introduced in 06_client_drift.
     """
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
 
+def split_like(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Views of the flat vector `flat`, one per parameter of `model`, in the same shapes.
+
+    Introduced in 06_client_drift.
+    """
+    params = list(model.parameters())
+    return [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+def prox_hook(model: nn.Module, global_w: torch.Tensor, mu: float) -> Callable[[], None]:
+    """FedProx's client side: the gradient of (mu / 2) * ||w - w_global||^2, added to
+    every gradient, pulls the client back toward the global model. Introduced in 06_client_drift.
+    """
+    params, anchor = list(model.parameters()), split_like(model, global_w)
+
+    def hook() -> None:
+        for p, a in zip(params, anchor):
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+    return hook
+
+
+def correction_hook(model: nn.Module, global_w: torch.Tensor, correction: np.ndarray) -> Callable[[], None]:
+    """SCAFFOLD's client side: add the drift correction c - c_i (server control variate
+    minus this client's) to every gradient. Introduced in 06_client_drift.
+    """
+    params, corr = list(model.parameters()), split_like(model, torch.from_numpy(correction))
+
+    def hook() -> None:
+        for p, c in zip(params, corr):
+            p.grad.add_(c)
+
+    return hook
+
+
+CLIENT_HOOKS = {"prox": prox_hook, "correction": correction_hook}
+
+
 def train_client_flat(
     model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray,
-    epochs: int, batch_size: int, lr: float, seed: int,
+    epochs: int, batch_size: int, lr: float, seed: int, momentum: float = 0.0, weight_decay: float = 0.0,
+    payload: tuple[str, object] | None = None,
 ) -> tuple[int, float, np.ndarray]:
-    """`client_update` for a model that is reused between clients: load the flat global
-    `weights` into `model`, train, return (samples, last loss, new flat weights).
-    Bit-identical to `client_update`. Introduced in 07_scaling_with_ray.
+    """One client's work on flat weights: load the global `weights` into `model` (any
+    model of the right architecture: its old weights are overwritten), train with the
+    gradient hook the strategy's `payload` names (None: plain SGD, as in FedAvg), return
+    (samples, last epoch's loss, new flat weights). Introduced in 06_client_drift.
     """
     with torch_threads(1):
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(np.array(weights)), model.parameters())
+        w = torch.from_numpy(np.array(weights))
+        torch.nn.utils.vector_to_parameters(w, model.parameters())
+        hook = CLIENT_HOOKS[payload[0]](model, w, payload[1]) if payload is not None else None
         x = torch.from_numpy(x_all[indices])
         y = torch.from_numpy(y_all[indices])
-        losses = train_local(model, x, y, epochs, batch_size, lr, seed)
+        losses = train_local(model, x, y, epochs, batch_size, lr, seed, momentum, weight_decay, hook)
         return len(indices), losses[-1], flat_weights(model).numpy()
+
+
+train_client_flat_remote = ray.remote(num_cpus=1)(train_client_flat)
+
+
+def _check_knob(name: str, value: float, low: float, high: float, high_open: bool = False) -> float:
+    """Return `value` as a float, or raise ValueError naming the knob and its range.
+
+    Introduced in 06_client_drift.
+    """
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and low <= value and (
+        value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+    return float(value)
+
+
+class FedAvg:
+    """McMahan et al. (2017). Client: plain local SGD. Server: the new global model is
+    the sample-weighted mean of the client models. The base of every strategy below:
+    each overrides only what it changes. Introduced in 06_client_drift.
+    """
+
+    name = "fedavg"
+
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, object] | None:
+        """What client `cid` receives besides the weights (None: nothing, plain SGD)."""
+        return None
+
+    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
+        """Called for each client's result, in client-id order (SCAFFOLD keeps state here)."""
+
+    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        """The new global weights (float32) from the old ones and the float64 weighted mean."""
+        return avg.to(torch.float32)
+
+
+class FedProx(FedAvg):
+    """Li et al. (2020). Client: local loss + (mu / 2) * ||w - w_global||^2, which limits
+    how far a client drifts; mu = 0 is FedAvg. Server: as FedAvg. Introduced in 06_client_drift.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01):
+        self.mu = _check_knob("mu", mu, 0, float("inf"))
+
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, object]:
+        return ("prox", self.mu)
+
+
+class FedAvgM(FedAvg):
+    """Server momentum (Hsu et al. 2019; Reddi et al. 2021). The mean client update
+    delta = avg - w is a pseudo-gradient step; the server keeps a momentum m = beta*m + delta
+    and moves w += server_lr * m. momentum 0 with server_lr 1 is FedAvg. Introduced in 06_client_drift.
+    """
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
+        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.momentum = _check_knob("server_momentum", momentum, 0, 1, high_open=True)
+        self.m: torch.Tensor | None = None
+
+    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        delta = avg - global_w.double()
+        self.m = delta if self.m is None else self.momentum * self.m + delta
+        return (global_w.double() + self.server_lr * self.m).to(torch.float32)
+
+
+class FedAdam(FedAvg):
+    """Reddi et al. (2021), "Adaptive Federated Optimization": Adam on the server, with
+    the mean client update delta = avg - w as the (negative) gradient; tau bounds the
+    per-coordinate step, and there is no bias correction, as in the paper. Introduced in 06_client_drift.
+    """
+
+    name = "fedadam"
+
+    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.beta1 = _check_knob("beta1", beta1, 0, 1, high_open=True)
+        self.beta2 = _check_knob("beta2", beta2, 0, 1, high_open=True)
+        self.tau = _check_knob("tau", tau, 1e-12, float("inf"))
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        """Adam's v: an exponential moving average of delta^2."""
+        return self.beta2 * v + (1 - self.beta2) * delta_sq
+
+    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        delta = avg - global_w.double()
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(delta), torch.full_like(delta, self.tau**2)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
+        self.v = self.second_moment(self.v, delta * delta)
+        return (global_w.double() + self.server_lr * self.m / (self.v.sqrt() + self.tau)).to(torch.float32)
+
+
+class FedYogi(FedAdam):
+    """Reddi et al. (2021): FedAdam with Yogi's second moment, which grows or shrinks v
+    by at most (1 - beta2) * delta^2 per round, so one large update cannot inflate it.
+    Introduced in 06_client_drift.
+    """
+
+    name = "fedyogi"
+
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.beta2) * delta_sq * torch.sign(v - delta_sq)
+
+
+class ClientStateStore:
+    """Per-client state kept between rounds, one `.npy` file per client that has any, in
+    `folder` (default: a temporary folder, removed with the store). Clients never seen
+    cost nothing, so the driver's memory does not grow with the number of clients; each
+    write goes to a temporary file, then is renamed, so a file is never half-written.
+    Introduced in 06_client_drift.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="client_state_") if folder is None else None
+        self.folder = Path(self._tmp.name if folder is None else folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, cid: int) -> Path:
+        """The file that holds client `cid`'s state."""
+        return self.folder / f"client_{int(cid)}.npy"
+
+    def get(self, cid: int, default: np.ndarray) -> np.ndarray:
+        """Client `cid`'s state, or `default` if it has none yet."""
+        path = self.path(cid)
+        return np.load(path) if path.exists() else default
+
+    def put(self, cid: int, value: np.ndarray) -> None:
+        """Save client `cid`'s state atomically."""
+        tmp = self.folder / f"client_{int(cid)}.tmp.npy"
+        np.save(tmp, value)
+        os.replace(tmp, self.path(cid))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("client_*[0-9].npy"))
+
+
+class Scaffold(FedAvg):
+    """Karimireddy et al. (2020), option II. Server control variate c, one c_i per client
+    (zero until the client first trains, kept in a `ClientStateStore`). Client: every
+    gradient gets + (c - c_i), cancelling its drift. After K local steps with rate lr:
+    c_i+ = c_i - c + (w_global - w_client) / (K * lr), and c += sum of (c_i+ - c_i) / num_clients.
+    Server: w += server_lr * (avg - w). Introduced in 06_client_drift.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, num_clients: int, server_lr: float = 1.0, state_dir: str | Path | None = None):
+        if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+            raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+        self.num_clients = int(num_clients)
+        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.store = ClientStateStore(state_dir)
+        self.c: torch.Tensor | None = None  # float64, created at the first round
+        self.dc_sum: torch.Tensor | None = None  # sum of this round's c_i+ - c_i
+
+    def _c_i(self, cid: int) -> torch.Tensor:
+        return torch.from_numpy(self.store.get(cid, np.zeros(len(self.c), np.float32))).double()
+
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, np.ndarray]:
+        if self.c is None:
+            self.c = torch.zeros(len(global_w), dtype=torch.float64)
+        return ("correction", (self.c - self._c_i(cid)).to(torch.float32).numpy())
+
+    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
+        c_i = self._c_i(cid)
+        c_new = c_i - self.c + (global_w.double() - client_w.double()) / (steps * lr)
+        self.store.put(cid, c_new.to(torch.float32).numpy())
+        self.dc_sum = (c_new - c_i) if self.dc_sum is None else self.dc_sum + (c_new - c_i)
+
+    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        if self.dc_sum is not None:
+            self.c = self.c + self.dc_sum / self.num_clients
+            self.dc_sum = None
+        return (global_w.double() + self.server_lr * (avg - global_w.double())).to(torch.float32)
+
+
+STRATEGIES = {s.name: s for s in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold)}
+
+
+def make_strategy(name: str = "fedavg", num_clients: int = 1, **knobs) -> FedAvg:
+    """Build the strategy `name` with its `knobs` (e.g. mu=0.1, server_lr=0.03); unknown
+    names or knobs raise ValueError listing what is allowed. Introduced in 06_client_drift.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+    cls = STRATEGIES[name]
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "num_clients")]
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ValueError(f"strategy {name!r} takes the knobs {allowed}, got unknown {unknown}")
+    return cls(num_clients, **knobs) if cls is Scaffold else cls(**knobs)
+
+
+def local_steps(num_samples: int, epochs: int, batch_size: int) -> int:
+    """SGD steps a client with `num_samples` takes: epochs * ceil(samples / batch).
+
+    Introduced in 06_client_drift.
+    """
+    return epochs * math.ceil(num_samples / batch_size)
+
+
+def payload_bytes(payload: tuple[str, object] | None) -> int:
+    """Bytes a strategy's payload adds to a client's download (arrays only; a number is free).
+
+    Introduced in 06_client_drift.
+    """
+    return payload[1].nbytes if payload is not None and isinstance(payload[1], np.ndarray) else 0
+
+
+def run_strategy(
+    strategy: FedAvg, model_name: str, train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor], partitions: Sequence[np.ndarray], rounds: int = 10,
+    client_fraction: float = 1.0, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+    momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, use_ray: bool = True,
+    on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """Notebook 05's round loop with a `strategy`: each client gets the flat global weights
+    and the strategy's payload, trains (Ray tasks, or one after another), and the results
+    are folded in client-id order into a float64 weighted mean, handed to
+    `strategy.receive`, and turned into the next global model by `strategy.server_step`.
+    With `FedAvg()` it gives the same bits as `run_federated`. Introduced in 06_client_drift.
+    """
+    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
+    model = make_model(model_name, seed)
+    x_all, y_all = train[0].numpy(), train[1].numpy()
+    if use_ray:
+        init_ray()
+        x_all, y_all = ray.put(x_all), ray.put(y_all)
+    history: list[dict] = []
+    for rnd in tqdm(range(1, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress):
+        start = time.perf_counter()
+        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
+        w = flat_weights(model)
+        jobs = [(partitions[k], client_seed(seed, rnd, k), strategy.payload(int(k), w)) for k in clients]
+        knobs = (local_epochs, batch_size, lr)
+        if use_ray:
+            w_ref, model_ref = ray.put(w.numpy()), ray.put(model)
+            results = ray.get([train_client_flat_remote.remote(model_ref, w_ref, x_all, y_all, idx, *knobs, s,
+                                                               momentum, weight_decay, pay) for idx, s, pay in jobs])
+        else:
+            results = [train_client_flat(make_model(model_name), w.numpy(), x_all, y_all, idx, *knobs, s,
+                                         momentum, weight_decay, pay) for idx, s, pay in jobs]
+        sizes = np.array([r[0] for r in results], dtype=np.float64)
+        coef = sizes / sizes.sum()
+        avg = torch.zeros(len(w), dtype=torch.float64)
+        spread = 0.0  # sum_k coef_k * ||w_k - w||^2, for the drift
+        for k, c, (n, _, w_k) in zip(clients, coef, results):  # client-id order: a fixed summation order
+            w_k = torch.from_numpy(w_k)
+            avg += float(c) * w_k.to(torch.float64)
+            spread += float(c) * float((w_k.double() - w.double()).square().sum())
+            strategy.receive(int(k), w, w_k, local_steps(n, local_epochs, batch_size), lr)
+        drift = math.sqrt(max(spread - float((avg - w.double()).square().sum()), 0.0))
+        torch.nn.utils.vector_to_parameters(strategy.server_step(w, avg), model.parameters())
+        loss, acc = evaluate(model, *test)
+        history.append({
+            "round": rnd,
+            "accuracy": acc,
+            "loss": loss,
+            "train_loss": float(np.dot(sizes, [r[1] for r in results]) / sizes.sum()),
+            "drift": drift,  # RMS distance of the client models from their weighted mean
+            "clients": len(clients),
+            "seconds": time.perf_counter() - start,
+            "bytes_sent": 2 * len(clients) * w.numel() * 4 + sum(payload_bytes(job[2]) for job in jobs),
+        })
+        if on_round is not None:
+            on_round(history)
+    return model, history
+
+
+# ----------------------------------------------------------------------------
+# 07_scaling_with_ray: a pool of long-lived actors and streaming aggregation
+# ----------------------------------------------------------------------------
 
 
 @ray.remote(num_cpus=1)
@@ -696,11 +1082,13 @@ class ClientTrainer:
         self.x_all, self.y_all = x_all, y_all  # zero-copy views of the object store
         self.model = make_model(model_name)
 
-    def train(self, weights: np.ndarray, jobs: list[tuple[int, np.ndarray, int]], epochs: int,
-              batch_size: int, lr: float) -> list[tuple[int, int, float, np.ndarray]]:
-        """Train each (client id, indices, seed) job; return (id, samples, loss, weights)."""
-        return [(cid, *train_client_flat(self.model, weights, self.x_all, self.y_all, idx, epochs,
-                                         batch_size, lr, seed)) for cid, idx, seed in jobs]
+    def train(self, weights: np.ndarray, jobs: list[tuple[int, np.ndarray, int, tuple | None]], epochs: int,
+              batch_size: int, lr: float, momentum: float = 0.0,
+              weight_decay: float = 0.0) -> list[tuple[int, int, float, np.ndarray]]:
+        """Train each (client id, indices, seed, payload) job; return (id, samples, loss, weights)."""
+        return [(cid, *train_client_flat(self.model, weights, self.x_all, self.y_all, idx, epochs, batch_size,
+                                         lr, seed, momentum, weight_decay, payload))
+                for cid, idx, seed, payload in jobs]
 
     def node_id(self) -> str:
         """The Ray node this actor lives on."""
@@ -739,19 +1127,22 @@ def run_federated_pool(
     local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
     num_workers: int | None = None, use_ray: bool = True, chunk_size: int | None = None,
     on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
+    strategy: FedAvg | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
 ) -> tuple[nn.Module, list[dict]]:
-    """FedAvg at scale: the same math as `run_federated`, bit for bit, but clients are
-    trained in chunks by `num_workers` long-lived `ClientTrainer` actors (default: one per
-    CPU), global weights travel as one flat buffer put once per round, and results are
-    folded into a float64 sum in client-id order as they arrive, so the driver never
-    holds all client models at once. With `use_ray=False` the same code runs in this
+    """The round loop at scale: the same math as `run_strategy` (and, for FedAvg, as
+    `run_federated`), bit for bit, but clients are trained in chunks by `num_workers`
+    long-lived `ClientTrainer` actors (default: one per CPU), global weights travel as one
+    flat buffer put once per round, and results are folded into a float64 sum in
+    client-id order as they arrive, so the driver never holds all client models at once.
+    `strategy` defaults to `FedAvg()`. With `use_ray=False` the same code runs in this
     process, one client after another: the compute floor. Introduced in 07_scaling_with_ray.
     """
-    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr)
+    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
     if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 1):
         raise ValueError(f"num_workers must be an integer >= 1 or None (one per CPU), got {num_workers!r}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    strategy = strategy if strategy is not None else FedAvg()
     engine_start = time.perf_counter()
     model = make_model(model_name, seed)
     x_np, y_np = train[0].numpy(), train[1].numpy()
@@ -763,39 +1154,46 @@ def run_federated_pool(
     else:
         local = make_model(model_name)
     history: list[dict] = []
+    knobs = (local_epochs, batch_size, lr, momentum, weight_decay)
     try:  # however the loop ends (even Ctrl-C), stop the actors: no leaked workers
-        for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
+        for rnd in tqdm(range(1, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress):
             start = time.perf_counter()
             clients = sample_clients(len(partitions), client_fraction, seed, rnd)
             sizes = np.array([len(partitions[k]) for k in clients], dtype=np.float64)
             coef = sizes / sizes.sum()
-            jobs = [(int(k), partitions[k], client_seed(seed, rnd, k)) for k in clients]
-            weights = flat_weights(model).numpy()
+            w = flat_weights(model)
+            weights = w.numpy()
+            jobs = [(int(k), partitions[k], client_seed(seed, rnd, k), strategy.payload(int(k), w)) for k in clients]
             if use_ray:
                 size = chunk_size or max(1, len(jobs) // (8 * num_workers))  # ~8 chunks per worker: balanced
                 chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-                results = stream_in_order(workers, ray.put(weights), chunks, (local_epochs, batch_size, lr))
+                results = stream_in_order(workers, ray.put(weights), chunks, knobs)
             else:
-                results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, local_epochs, batch_size, lr, s))
-                           for cid, idx, s in jobs)
+                results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, *knobs[:3], s, *knobs[3:], pay))
+                           for cid, idx, s, pay in jobs)
             total = torch.zeros(len(weights), dtype=torch.float64)
-            loss_sum = 0.0
-            for pos, (cid, n, loss, w) in enumerate(results):  # client-id order: a fixed summation order
+            loss_sum, spread = 0.0, 0.0
+            for pos, (cid, n, loss, w_k) in enumerate(results):  # client-id order: a fixed summation order
                 assert cid == clients[pos]
                 if pos == 0:
                     first_result = time.perf_counter() - engine_start
-                total += float(coef[pos]) * torch.tensor(w, dtype=torch.float64)
+                w_k = torch.from_numpy(w_k)
+                total += float(coef[pos]) * w_k.to(torch.float64)
+                spread += float(coef[pos]) * float((w_k.double() - w.double()).square().sum())
+                strategy.receive(cid, w, w_k, local_steps(n, local_epochs, batch_size), lr)
                 loss_sum += n * loss
-            torch.nn.utils.vector_to_parameters(total.to(torch.float32), model.parameters())
+            drift = math.sqrt(max(spread - float((total - w.double()).square().sum()), 0.0))
+            torch.nn.utils.vector_to_parameters(strategy.server_step(w, total), model.parameters())
             loss, acc = evaluate(model, *test)
             history.append({
                 "round": rnd,
                 "accuracy": acc,
                 "loss": loss,
                 "train_loss": loss_sum / sizes.sum(),
+                "drift": drift,  # RMS distance of the client models from their weighted mean
                 "clients": len(clients),
                 "seconds": time.perf_counter() - start,
-                "bytes_sent": 2 * len(clients) * weights.nbytes,
+                "bytes_sent": 2 * len(clients) * weights.nbytes + sum(payload_bytes(job[3]) for job in jobs),
                 "first_result": first_result,  # seconds from engine start to this round's first client result
                 "elapsed": time.perf_counter() - engine_start,
             })
@@ -803,6 +1201,6 @@ def run_federated_pool(
                 on_round(history)
     finally:
         if use_ray:
-            for w in workers:
-                ray.kill(w)
+            for worker in workers:
+                ray.kill(worker)
     return model, history

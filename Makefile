@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/FashionMNIST/raw/train-images-idx3-ubyte
 
-.PHONY: setup data run test bench lab clean
+.PHONY: setup data run test bench compare lab clean
 
 setup: $(STAMP) $(DATA)                      ## create .venv, install pinned packages, get the data
 
@@ -30,6 +30,9 @@ test: setup                                  ## lint, unit tests, module/noteboo
 
 bench: setup                                 ## measure the round loop: W1 classroom run, W2 scale (JSON in benchmarks/)
 	$(PY) benchmarks/bench.py
+
+compare: setup                               ## strategies x splits x seeds on Fashion-MNIST: table in build/compare (resumable)
+	$(PY) -m fedrun compare --out build/compare
 
 lab: setup                                   ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/

@@ -533,10 +533,12 @@ def evaluate(
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> str:
     """Start Ray once per kernel (running it again is harmless) and return the
-    dashboard's address ("" when it is off). Introduced in 04_remote_train_aggregate.
+    dashboard's address ("" when it is off). A new local Ray, unless RAY_ADDRESS names a
+    cluster to join: a bare ray.init() would join whatever cluster was last started on this
+    machine. Introduced in 04_remote_train_aggregate.
     """
-    ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, logging_level="ERROR",
-                   ignore_reinit_error=True)
+    ctx = ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=num_cpus,
+                   include_dashboard=dashboard, logging_level="ERROR", ignore_reinit_error=True)
     return ctx.dashboard_url or ""
 
 
@@ -745,9 +747,12 @@ def split_like(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
 
 def prox_hook(model: nn.Module, global_w: torch.Tensor, mu: float) -> Callable[[], None]:
     """FedProx's client side: the gradient of (mu / 2) * ||w - w_global||^2, added to
-    every gradient, pulls the client back toward the global model. Introduced in 06_client_drift.
+    every gradient, pulls the client back toward the global model. The hook keeps its own
+    copy of `global_w`: the model's parameters may be views of that very vector (as after
+    `vector_to_parameters`), and an anchor that moves with them would pull with zero force.
+    Introduced in 06_client_drift.
     """
-    params, anchor = list(model.parameters()), split_like(model, global_w)
+    params, anchor = list(model.parameters()), split_like(model, global_w.clone())
 
     def hook() -> None:
         for p, a in zip(params, anchor):
@@ -760,7 +765,7 @@ def correction_hook(model: nn.Module, global_w: torch.Tensor, correction: np.nda
     """SCAFFOLD's client side: add the drift correction c - c_i (server control variate
     minus this client's) to every gradient. Introduced in 06_client_drift.
     """
-    params, corr = list(model.parameters()), split_like(model, torch.from_numpy(correction))
+    params, corr = list(model.parameters()), split_like(model, torch.tensor(correction))  # a copy: Ray's is read-only
 
     def hook() -> None:
         for p, c in zip(params, corr):
@@ -844,20 +849,21 @@ class FedProx(FedAvg):
 class FedAvgM(FedAvg):
     """Server momentum (Hsu et al. 2019; Reddi et al. 2021). The mean client update
     delta = avg - w is a pseudo-gradient step; the server keeps a momentum m = beta*m + delta
-    and moves w += server_lr * m. momentum 0 with server_lr 1 is FedAvg. Introduced in 06_client_drift.
+    and moves w += server_lr * m. momentum 0 with server_lr 1 is FedAvg, bit for bit: the new
+    weights are computed as the mean plus what the momentum changes. Introduced in 06_client_drift.
     """
 
     name = "fedavgm"
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
         self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
-        self.momentum = _check_knob("server_momentum", momentum, 0, 1, high_open=True)
+        self.momentum = _check_knob("momentum", momentum, 0, 1, high_open=True)
         self.m: torch.Tensor | None = None
 
     def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
         delta = avg - global_w.double()
         self.m = delta if self.m is None else self.momentum * self.m + delta
-        return (global_w.double() + self.server_lr * self.m).to(torch.float32)
+        return (avg + (self.server_lr * self.m - delta)).to(torch.float32)  # = w + server_lr * m
 
 
 class FedAdam(FedAvg):
@@ -970,7 +976,8 @@ class Scaffold(FedAvg):
         if self.dc_sum is not None:
             self.c = self.c + self.dc_sum / self.num_clients
             self.dc_sum = None
-        return (global_w.double() + self.server_lr * (avg - global_w.double())).to(torch.float32)
+        # = w + server_lr * (avg - w), written so that server_lr 1 returns the mean's own bits
+        return (avg + (self.server_lr - 1) * (avg - global_w.double())).to(torch.float32)
 
 
 STRATEGIES = {s.name: s for s in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold)}
@@ -983,7 +990,9 @@ def make_strategy(name: str = "fedavg", num_clients: int = 1, **knobs) -> FedAvg
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
     cls = STRATEGIES[name]
-    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "num_clients")]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)  # FedAvg: object's *args
+    allowed = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+               if p.kind in named and p.name not in ("self", "num_clients")]
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:
         raise ValueError(f"strategy {name!r} takes the knobs {allowed}, got unknown {unknown}")
@@ -1044,7 +1053,7 @@ def run_strategy(
         avg = torch.zeros(len(w), dtype=torch.float64)
         spread = 0.0  # sum_k coef_k * ||w_k - w||^2, for the drift
         for k, c, (n, _, w_k) in zip(clients, coef, results):  # client-id order: a fixed summation order
-            w_k = torch.from_numpy(w_k)
+            w_k = torch.tensor(w_k)  # a copy: arrays from Ray are read-only
             avg += float(c) * w_k.to(torch.float64)
             spread += float(c) * float((w_k.double() - w.double()).square().sum())
             strategy.receive(int(k), w, w_k, local_steps(n, local_epochs, batch_size), lr)
@@ -1177,7 +1186,7 @@ def run_federated_pool(
                 assert cid == clients[pos]
                 if pos == 0:
                     first_result = time.perf_counter() - engine_start
-                w_k = torch.from_numpy(w_k)
+                w_k = torch.tensor(w_k)  # a copy: arrays from Ray are read-only
                 total += float(coef[pos]) * w_k.to(torch.float64)
                 spread += float(coef[pos]) * float((w_k.double() - w.double()).square().sum())
                 strategy.receive(cid, w, w_k, local_steps(n, local_epochs, batch_size), lr)

@@ -76,7 +76,7 @@ def test_stream_in_order_yields_clients_in_order(ray_cluster, synthetic_train):
     workers = [fh.ClientTrainer.remote(x_ref, y_ref, "simple") for _ in range(2)]
     weights = ray_cluster.put(fh.flat_weights(fh.make_model("simple")).numpy())
     sizes = [2000, 5, 5, 5, 1500, 5, 5]  # the big chunks finish last
-    jobs = [(k, np.arange(n), k) for k, n in enumerate(sizes)]
+    jobs = [(k, np.arange(n), k, None) for k, n in enumerate(sizes)]  # (client, indices, seed, payload)
     out = list(fh.stream_in_order(workers, weights, [[j] for j in jobs], (1, 32, 0.05)))
     assert [r[0] for r in out] == list(range(len(sizes)))
     assert [r[1] for r in out] == sizes

@@ -1,0 +1,494 @@
+"""fedrun: the course's federated-learning experiments from the terminal.
+
+    python -m fedrun run --partition dirichlet --alpha 0.1 --strategy scaffold --rounds 3 --out runs/a
+    python -m fedrun compare --out build/compare        # strategies x splits x seeds, resumable
+    python -m fedrun run --config exp.toml --rounds 5   # a JSON/TOML file of flags; the command line wins
+
+Same code path as the notebooks: `fed_helpers.load_dataset`, `make_partition`, `make_strategy` and
+`run_federated_pool`. Each run writes history.json (config, per-round history, final accuracy, weights
+sha256, versions), history.csv, accuracy.png and model.pt (the final state_dict) into its folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+import fed_helpers as fh
+
+NOT_WRITABLE = "The given NumPy array is not writable"  # torch's warning when fed_helpers wraps a Ray array
+
+# ----------------------------------------------------------------------------
+# Flag types: each checks its range, so a bad value fails before any work
+# ----------------------------------------------------------------------------
+
+
+def number(kind: type, low: float, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse `type=` parsing an int or float in a range; its `.range` ("a number in (0, 1]")
+    goes into the help text and the error message."""
+    what = "an integer" if kind is int else "a number"
+    rng = (f"{what} {'>' if low_open else '>='} {low:g}" if high is None else
+           f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}") from None
+        ok = math.isfinite(value) and (low < value if low_open else low <= value) and (
+            high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}")
+        return value
+
+    parse.range = rng
+    return parse
+
+
+def split_spec(text: str) -> str:
+    """A compare split: "iid", or a partition and its main parameter, e.g. "dirichlet:0.5"."""
+    name, _, value = text.partition(":")
+    if name not in fh.PARTITIONERS or (value and name not in MAIN_KNOB):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PARTITION or PARTITION:VALUE with PARTITION one of "
+                                         f"{', '.join(fh.PARTITIONERS)} (VALUE for {', '.join(MAIN_KNOB)} only)")
+    if value:
+        try:
+            KNOBS[MAIN_KNOB[name]][0](value)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {flag(MAIN_KNOB[name])} {err}") from None
+    return text
+
+
+# ----------------------------------------------------------------------------
+# Knobs: which partitions and strategies take which flags (read from fed_helpers)
+# ----------------------------------------------------------------------------
+
+KNOBS = {  # flag dest: (type with the range fed_helpers checks, meaning)
+    "alpha": (number(float, 0, low_open=True), "Dirichlet concentration: small = strong label skew"),
+    "classes_per_client": (number(int, 1), "classes each client holds"),
+    "shards_per_client": (number(int, 1), "label-sorted shards each client holds"),
+    "beta": (number(float, 0, low_open=True), "Dirichlet concentration of client sizes: small = very unequal"),
+    "min_size": (number(int, 1), "fewest samples a client may hold"),
+    "mu": (number(float, 0), "weight of the proximal term pulling clients to the global model"),
+    "server_lr": (number(float, 0), "server learning rate"),
+    "server_momentum": (number(float, 0, 1, high_open=True), "server momentum"),
+    "beta1": (number(float, 0, 1, high_open=True), "server first-moment decay"),
+    "beta2": (number(float, 0, 1, high_open=True), "server second-moment decay"),
+    "tau": (number(float, 1e-12), "server adaptivity: bounds the per-coordinate step"),
+}
+PARTITION_KNOBS = ("alpha", "classes_per_client", "shards_per_client", "beta", "min_size")
+STRATEGY_KNOBS = ("mu", "server_lr", "server_momentum", "beta1", "beta2", "tau")
+MAIN_KNOB = {"dirichlet": "alpha", "classes": "classes_per_client", "shards": "shards_per_client", "quantity": "beta"}
+BLURB = {"fedavg": "weighted mean of the client models", "fedprox": "+ proximal term --mu on clients",
+         "fedavgm": "server momentum", "fedadam": "Adam on the server", "fedyogi": "Yogi on the server",
+         "scaffold": "control variates correct client drift"}
+STRATEGY_DEST = {"momentum": "server_momentum"}  # FedAvgM's `momentum` is --server-momentum (--momentum is SGD's)
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def knobs_of(kind: str, name: str) -> dict[str, tuple[str, Any]]:
+    """{flag dest: (parameter name, default)} of partition or strategy `name`."""
+    if kind == "partition":
+        params, skip = inspect.signature(fh.PARTITIONERS[name]).parameters, ("labels", "num_clients", "seed")
+    else:
+        params, skip = inspect.signature(fh.STRATEGIES[name].__init__).parameters, ("self", "num_clients", "state_dir")
+    return {STRATEGY_DEST.get(p, p) if kind == "strategy" else p: (p, v.default)
+            for p, v in params.items() if p not in skip and v.kind is v.POSITIONAL_OR_KEYWORD}  # not object's *args
+
+
+def knob_help(kind: str, dest: str) -> str:
+    """Help text: meaning, range, and the partitions/strategies that take the knob with their defaults."""
+    names = fh.PARTITIONERS if kind == "partition" else fh.STRATEGIES
+    takers = [f"{n} {knobs_of(kind, n)[dest][1]:g}" for n in names if dest in knobs_of(kind, n)]
+    return f"{KNOBS[dest][1]}; {KNOBS[dest][0].range} (default: {', '.join(takers)})"
+
+
+def resolve_knobs(args: argparse.Namespace, kind: str, name: str, strict: bool) -> dict[str, Any]:
+    """The keyword arguments for partition/strategy `name`: its defaults, overridden by the knob
+    flags given. With `strict`, a flag it does not take is an error naming the flag."""
+    takes = knobs_of(kind, name)
+    for dest in PARTITION_KNOBS if kind == "partition" else STRATEGY_KNOBS:
+        if strict and getattr(args, dest) is not None and dest not in takes:
+            allowed = ", ".join(flag(d) for d in takes) or "no knobs"
+            raise UsageError(f"argument {flag(dest)}: {kind} {name!r} does not take it ({name} takes {allowed})")
+    return {p: (getattr(args, d) if getattr(args, d, None) is not None else default)
+            for d, (p, default) in takes.items()}
+
+
+class UsageError(Exception):
+    """A bad flag found after parsing; reported as `fedrun: error: ...`, exit status 2."""
+
+
+FLAG_OF = {"num_clients": "--clients", "client_fraction": "--fraction", "local_epochs": "--epochs",
+           **{d: flag(d) for d in (*KNOBS, "epochs", "batch_size", "lr", "momentum", "weight_decay", "rounds")}}
+
+
+def usage_error(err: ValueError) -> UsageError:
+    """fed_helpers' ValueError ("min_size must be ...") as an error naming the flag."""
+    first = str(err).split(" ", 1)[0]
+    return UsageError(f"argument {FLAG_OF[first]}: {err}" if first in FLAG_OF else str(err))
+
+
+# ----------------------------------------------------------------------------
+# Command line: the parser, and config files
+# ----------------------------------------------------------------------------
+
+
+def add(p: argparse.ArgumentParser, name: str, kind: Any, default: Any, text: str, **kw: Any) -> None:
+    """One flag whose help ends with its allowed values and "(default: ...)"."""
+    rng = f"one of {', '.join(kw['choices'])}" if "choices" in kw else getattr(kind, "range", "")
+    p.add_argument(name, type=kind, default=default, help=f"{text}{rng and '; '}{rng} (default: {default})", **kw)
+
+
+def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
+    """The flags of `run`; `compare` has the same ones except strategy, partition and seed."""
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of flags (keys with - or _); "
+                   "flags on the command line override it (default: none)")
+    add(p, "--dataset", str, "fashion_mnist", "dataset", choices=list(fh.DATASETS))
+    add(p, "--model", str, "2nn", "model", choices=list(fh.MODELS))
+    add(p, "--clients", number(int, 1), 10, "number of clients the training set is split across")
+    add(p, "--fraction", number(float, 0, 1, low_open=True), 1.0, "share of clients sampled per round")
+    if not compare:
+        add(p, "--partition", str, "iid", "how the data is split across clients", choices=list(fh.PARTITIONERS))
+        add(p, "--strategy", str, "fedavg", "federated strategy (" + "; ".join(
+            f"{n}: {BLURB.get(n, fh.STRATEGIES[n].__name__)}" for n in fh.STRATEGIES) + ")",
+            choices=list(fh.STRATEGIES))
+    g = p.add_argument_group("partition knobs (only for the partitions that take them)")
+    for dest in PARTITION_KNOBS:
+        g.add_argument(flag(dest), type=KNOBS[dest][0], help=knob_help("partition", dest))
+    g = p.add_argument_group("strategy knobs (only for the strategies that take them)")
+    for dest in STRATEGY_KNOBS:
+        g.add_argument(flag(dest), type=KNOBS[dest][0], help=knob_help("strategy", dest))
+    add(p, "--rounds", number(int, 1), 10, "federated rounds")
+    add(p, "--epochs", number(int, 1), 1, "local epochs per round")
+    add(p, "--batch-size", number(int, 1), 32, "local batch size")
+    add(p, "--lr", number(float, 0, low_open=True), 0.05, "client SGD learning rate")
+    add(p, "--momentum", number(float, 0, 1, high_open=True), 0.0, "client SGD momentum")
+    add(p, "--weight-decay", number(float, 0), 0.0, "client SGD weight decay")
+    if not compare:
+        add(p, "--seed", number(int, 0), 0, "seed of the split, the model and client sampling")
+    add(p, "--train-samples", number(int, 1), None, "use a seeded random subset of this many training samples "
+        "(None: all)")
+    add(p, "--cpus", number(int, 1), None, "CPUs for Ray, one client trainer each (None: all)")
+    p.add_argument("--no-ray", action="store_true", help="train clients one after another in this process, "
+                   "without Ray: same weights, bit for bit (default: False)")
+    add(p, "--data-dir", str, None, "where the datasets are (None: $FED_DATA_DIR, else the course's data/)")
+    add(p, "--out", str, "build/compare" if compare else "build/fedrun", "output folder")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `fedrun` parser, and its subcommands' parsers by name."""
+    parser = argparse.ArgumentParser(prog="fedrun", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    run = sub.add_parser("run", help="run one experiment", description="Run one federated experiment.")
+    add_run_flags(run, compare=False)
+    cmp = sub.add_parser("compare", help="strategies x splits x seeds, one Ray session, resumable",
+                         description="Run every strategy on every split with every seed; print and write a "
+                         "table of final accuracy (mean ± std over seeds). Finished runs with the same "
+                         "config are skipped, so a stopped comparison can be rerun.")
+    add_run_flags(cmp, compare=True)
+    cmp.add_argument("--strategies", nargs="+", choices=list(fh.STRATEGIES), metavar="NAME",
+                     default=["fedavg", "fedprox", "scaffold", "fedadam"],
+                     help=f"strategies, each one of {', '.join(fh.STRATEGIES)} "
+                     "(default: fedavg fedprox scaffold fedadam)")
+    cmp.add_argument("--splits", nargs="+", type=split_spec, metavar="SPLIT",
+                     default=["iid", "dirichlet:0.5", "dirichlet:0.1", "classes:2"],
+                     help="splits, each a partition and optionally its main parameter (dirichlet:ALPHA, "
+                     "classes:CLASSES_PER_CLIENT, shards:SHARDS_PER_CLIENT, quantity:BETA) "
+                     "(default: iid dirichlet:0.5 dirichlet:0.1 classes:2)")
+    cmp.add_argument("--seeds", nargs="+", type=number(int, 0), metavar="SEED", default=[0, 1, 2],
+                     help="seeds, each an integer >= 0 (default: 0 1 2)")
+    return parser, {"run": run, "compare": cmp}
+
+
+def apply_config(sub: argparse.ArgumentParser, path: str) -> None:
+    """Make the values in config file `path` the defaults of `sub`, checked like flags."""
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (OSError, ValueError) as err:
+        sub.error(f"argument --config: cannot read {path}: {err}")
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in data.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            sub.error(f"argument --config: unknown key {key!r} in {path}; keys are {sorted(actions)}")
+
+        def convert(v: Any, action: argparse.Action = action, key: str = key) -> Any:
+            if isinstance(action, argparse._StoreTrueAction) != isinstance(v, bool) or isinstance(v, (dict, list)):
+                sub.error(f"argument --config: {key} in {path} must be "
+                          f"{'true or false' if action.nargs == 0 else 'a number or a string'}, got {v!r}")
+            try:
+                v = v if isinstance(v, bool) else action.type(str(v)) if action.type else str(v)
+            except argparse.ArgumentTypeError as err:
+                sub.error(f"argument {action.option_strings[0]} (in {path}): {err}")
+            if action.choices is not None and v not in action.choices:
+                sub.error(f"argument {action.option_strings[0]} (in {path}): must be one of "
+                          f"{', '.join(action.choices)}, got {v!r}")
+            return v
+
+        many = action.nargs == "+"
+        if many and not isinstance(value, list):
+            value = [value]
+        values[action.dest] = [convert(v) for v in value] if many else convert(value)
+    sub.set_defaults(**values)
+
+
+# ----------------------------------------------------------------------------
+# One experiment: config -> data, split, strategy -> run_federated_pool -> files
+# ----------------------------------------------------------------------------
+
+
+def experiment_config(args: argparse.Namespace, partition: str, strategy: str, seed: int,
+                      split: str | None = None, strict: bool = True) -> dict[str, Any]:
+    """Everything that determines a run's result (not where or how fast it runs)."""
+    pknobs = resolve_knobs(args, "partition", partition, strict)
+    if split and ":" in split:
+        pknobs[MAIN_KNOB[partition]] = KNOBS[MAIN_KNOB[partition]][0](split.partition(":")[2])
+    return {"dataset": args.dataset, "model": args.model, "partition": partition, "partition_knobs": pknobs,
+            "clients": args.clients, "fraction": args.fraction, "strategy": strategy,
+            "strategy_knobs": resolve_knobs(args, "strategy", strategy, strict), "rounds": args.rounds,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples}
+
+
+def load_data(dataset: str, data_dir: str | None) -> tuple[tuple, tuple]:
+    """(train, test) of `dataset`, found wherever fedrun is run from."""
+    root = data_dir or os.environ.get("FED_DATA_DIR") or Path(fh.__file__).resolve().parent / "data"
+    return fh.load_dataset(dataset, train=True, root=root), fh.load_dataset(dataset, train=False, root=root)
+
+
+def subset(cfg: dict, data: tuple[tuple, tuple]) -> tuple[tuple, tuple]:
+    """`data` with the training set cut to the config's seeded subset, if it asks for one."""
+    train, test = data
+    if cfg["train_samples"] is not None:
+        if cfg["train_samples"] > len(train[1]):
+            raise UsageError(f"argument --train-samples: must be an integer in [1, {len(train[1])}] (the "
+                             f"training set's size), got {cfg['train_samples']}")
+        keep = torch.from_numpy(np.sort(np.random.default_rng(cfg["seed"]).choice(
+            len(train[1]), cfg["train_samples"], replace=False)))
+        train = (train[0][keep], train[1][keep])
+    return train, test
+
+
+def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[list[np.ndarray], fh.FedAvg]:
+    """The client split and the strategy, or UsageError naming the flag: all before any training."""
+    try:
+        parts = fh.make_partition(cfg["partition"], data[0][1].numpy(), cfg["clients"], seed=cfg["seed"],
+                                  **cfg["partition_knobs"])
+        strategy = fh.make_strategy(cfg["strategy"], cfg["clients"], **cfg["strategy_knobs"])
+        fh.check_round_knobs(cfg["rounds"], cfg["fraction"], parts, cfg["epochs"], cfg["batch_size"], cfg["lr"],
+                             cfg["momentum"], cfg["weight_decay"])
+    except ValueError as err:
+        raise usage_error(err) from None
+    return parts, strategy
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every state-dict tensor's float32 bytes, in order."""
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        h.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_one(cfg: dict, data: tuple[tuple, tuple], prepared: tuple, out: Path, runtime: dict,
+            progress: bool = True, verbose: bool = True) -> dict:
+    """Train one experiment with `run_federated_pool` and write its files into `out`."""
+    parts, strategy = prepared
+    use_ray, cpus = runtime["use_ray"], runtime["cpus"]
+
+    def on_round(history: list[dict]) -> None:  # one line per round, printed above the progress bar
+        h = history[-1]
+        if verbose:
+            tqdm.write(f"round {h['round']:>3}/{cfg['rounds']}  accuracy {h['accuracy']:.4f}  loss {h['loss']:.4f}"
+                       f"  train_loss {h['train_loss']:.4f}  drift {h['drift']:.4f}  {h['seconds']:.1f} s")
+
+    start = time.perf_counter()
+    model, history = fh.run_federated_pool(
+        cfg["model"], *data, parts, cfg["rounds"], cfg["fraction"], cfg["epochs"], cfg["batch_size"], cfg["lr"],
+        cfg["seed"], num_workers=cpus if use_ray else None, use_ray=use_ray, on_round=on_round,
+        progress=progress, strategy=strategy, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    best = max(history, key=lambda h: h["accuracy"])
+    record = {"config": cfg, "history": history, "final_accuracy": history[-1]["accuracy"],
+              "final_loss": history[-1]["loss"], "best_accuracy": best["accuracy"], "best_round": best["round"],
+              "weights_sha256": weights_sha256(model), "seconds": time.perf_counter() - start, "runtime": runtime,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "numpy": np.__version__, "ray": ray.__version__}}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
+    with open(out / "history.csv", "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(history[0])).writeheader()
+        csv.writer(f).writerows([list(h.values()) for h in history])
+    label = ", ".join([cfg["strategy"], cfg["partition"], *(f"{k}={v}" for k, v in cfg["partition_knobs"].items())])
+    fig = fh.plot_history({label: history})
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+    tmp = out / "history.json.tmp"  # written last, renamed: its presence means the run finished
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out / "history.json")
+    return record
+
+
+# ----------------------------------------------------------------------------
+# compare: strategies x splits x seeds
+# ----------------------------------------------------------------------------
+
+
+def plan_compare(args: argparse.Namespace) -> list[tuple[tuple, dict, tuple]]:
+    """Every run of the grid as ((split, strategy, seed), config, data), each checked before any training."""
+    for kind, names in (("partition", [s.partition(":")[0] for s in args.splits]), ("strategy", args.strategies)):
+        for dest in PARTITION_KNOBS if kind == "partition" else STRATEGY_KNOBS:
+            if getattr(args, dest) is not None and not any(dest in knobs_of(kind, n) for n in names):
+                raise UsageError(f"argument {flag(dest)}: no {kind} of the comparison takes it")
+    full, data, plan = load_data(args.dataset, args.data_dir), {}, []
+    for key in [(sp, st, sd) for sp in args.splits for st in args.strategies for sd in args.seeds]:
+        cfg = experiment_config(args, key[0].partition(":")[0], key[1], key[2], key[0], strict=False)
+        if cfg["seed"] not in data:  # one training subset per seed, shared by its runs
+            data[cfg["seed"]] = subset(cfg, full)
+        prepare(cfg, data[cfg["seed"]])
+        plan.append((key, cfg, data[cfg["seed"]]))
+    return plan
+
+
+def compare(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], runtime: dict) -> None:
+    """Run (or skip, if done with the same config) every run of the plan, then write the table."""
+    out, records = Path(args.out), {}
+    for (split, strategy, seed), cfg, data in tqdm(plan, desc="runs", unit="run"):
+        folder = out / split.replace(":", "-") / strategy / f"seed{seed}"
+        name = f"{split} {strategy} seed{seed}"
+        old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
+        if old is not None and old["config"] == json.loads(json.dumps(cfg)):
+            tqdm.write(f"skip {name}: {folder}/history.json exists with the same config")
+            records[split, strategy, seed] = old
+            continue
+        rec = run_one(cfg, data, prepare(cfg, data), folder, runtime, progress=False, verbose=False)
+        tqdm.write(f"done {name}: final accuracy {rec['final_accuracy']:.4f}, best {rec['best_accuracy']:.4f}, "
+                   f"{rec['seconds']:.1f} s")
+        records[split, strategy, seed] = rec
+    write_table(args, records, out)
+
+
+def write_table(args: argparse.Namespace, records: dict[tuple, dict], out: Path) -> None:
+    """table.md + results.json (final accuracy mean ± std over seeds) and compare.png."""
+    table: dict[str, dict[str, dict]] = {}
+    for strategy in args.strategies:
+        for split in args.splits:
+            recs = [records[split, strategy, s] for s in args.seeds]
+            final = np.array([r["final_accuracy"] for r in recs])
+            table.setdefault(strategy, {})[split] = {
+                "mean": float(final.mean()), "std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+                "best_mean": float(np.mean([r["best_accuracy"] for r in recs])), "seeds": len(recs)}
+    lines = [f"Final test accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))} "
+             f"(best round's mean in brackets)", "",
+             "| strategy | " + " | ".join(args.splits) + " |", "|---" * (len(args.splits) + 1) + "|"]
+    for strategy, row in table.items():
+        lines.append(f"| {strategy} | " + " | ".join(
+            f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f} ({100 * c['best_mean']:.2f})" for c in row.values()) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    runs = [{"split": sp, "strategy": st, "seed": sd, "final_accuracy": r["final_accuracy"],
+             "best_accuracy": r["best_accuracy"], "weights_sha256": r["weights_sha256"]}
+            for (sp, st, sd), r in records.items()]
+    (out / "results.json").write_text(json.dumps({"table": table, "runs": runs}, indent=1))
+    fig, axes = plt.subplots(1, len(args.splits), figsize=(4 * len(args.splits), 3.5), squeeze=False)
+    for ax, split in zip(axes[0], args.splits):
+        for strategy in args.strategies:
+            acc = np.mean([[h["accuracy"] for h in records[split, strategy, s]["history"]] for s in args.seeds], 0)
+            ax.plot(np.arange(1, len(acc) + 1), 100 * acc, marker="o", label=strategy)
+        ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{split} (mean over {len(args.seeds)} seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+
+def start_ray(cpus: int | None) -> bool:
+    """`fh.init_ray(cpus)`; True if this call started Ray. Without RAY_ADDRESS, ray.init() would join the
+    latest cluster started on this machine (/tmp/ray/ray_current_cluster), maybe someone else's: start a
+    local one instead. Ray's workers inherit PYTHONWARNINGS, which quiets NOT_WRITABLE there too."""
+    if ray.is_initialized():
+        return False
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PYTHONWARNINGS")}
+    os.environ["RAY_ADDRESS"] = saved["RAY_ADDRESS"] or "local"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"], f"ignore:{NOT_WRITABLE}"]))
+    try:
+        fh.init_ray(cpus)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (and --config), run, return the exit status."""
+    matplotlib.use("Agg")
+    parser, subs = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.config:
+        apply_config(subs[args.command], args.config)
+        args = parser.parse_args(argv)
+    use_ray = not args.no_ray
+    runtime = {"use_ray": use_ray, "cpus": args.cpus, "command": ["fedrun", *argv], "data_dir": args.data_dir}
+    started_ray = False
+    try:  # check everything (flags, data, split, strategy), then start Ray once, then train
+        if args.command == "run":
+            cfg = experiment_config(args, args.partition, args.strategy, args.seed)
+            data = subset(cfg, load_data(args.dataset, args.data_dir))
+            prepared = prepare(cfg, data)
+        else:
+            plan = plan_compare(args)
+        warnings.filterwarnings("ignore", NOT_WRITABLE)  # harmless: fed_helpers wraps Ray's read-only arrays
+        started_ray = use_ray and start_ray(args.cpus)
+        if args.command == "compare":
+            compare(args, plan, runtime)
+            return 0
+        rec = run_one(cfg, data, prepared, Path(args.out), runtime)
+        print(f"final accuracy {rec['final_accuracy']:.4f} (best {rec['best_accuracy']:.4f} in round "
+              f"{rec['best_round']}), weights sha256 {rec['weights_sha256'][:12]}, {rec['seconds']:.1f} s; "
+              f"wrote {args.out}/history.json, history.csv, accuracy.png, model.pt")
+        return 0
+    except UsageError as err:
+        parser.error(str(err))
+    except FileNotFoundError as err:  # a dataset that is not on this machine and cannot be downloaded
+        parser.exit(1, f"fedrun: error: {err}\n")
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

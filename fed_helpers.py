@@ -1137,6 +1137,7 @@ def run_federated_pool(
     num_workers: int | None = None, use_ray: bool = True, chunk_size: int | None = None,
     on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
     strategy: FedAvg | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
+    start_timeout_s: float = 120.0,
 ) -> tuple[nn.Module, list[dict]]:
     """The round loop at scale: the same math as `run_strategy` (and, for FedAvg, as
     `run_federated`), bit for bit, but clients are trained in chunks by `num_workers`
@@ -1144,7 +1145,9 @@ def run_federated_pool(
     flat buffer put once per round, and results are folded into a float64 sum in
     client-id order as they arrive, so the driver never holds all client models at once.
     `strategy` defaults to `FedAvg()`. With `use_ray=False` the same code runs in this
-    process, one client after another: the compute floor. Introduced in 07_scaling_with_ray.
+    process, one client after another: the compute floor. Actors that have not started within
+    `start_timeout_s` (say, their CPUs are held by other actors) raise RuntimeError rather than
+    wait forever. Introduced in 07_scaling_with_ray.
     """
     check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
     if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 1):
@@ -1165,6 +1168,15 @@ def run_federated_pool(
     history: list[dict] = []
     knobs = (local_epochs, batch_size, lr, momentum, weight_decay)
     try:  # however the loop ends (even Ctrl-C), stop the actors: no leaked workers
+        if use_ray:  # an actor that cannot start (its CPU held by other actors) would leave us waiting forever
+            ready, _ = ray.wait([w.node_id.remote() for w in workers], num_returns=num_workers,
+                                timeout=start_timeout_s)
+            if len(ready) < num_workers:
+                raise RuntimeError(
+                    f"only {len(ready)} of num_workers={num_workers} ClientTrainer actors started within "
+                    f"start_timeout_s={start_timeout_s} s; "
+                    f"Ray's free resources: {ray.available_resources()}. Actors left by an earlier cell may hold "
+                    "the CPUs: ray.kill them, restart the kernel, or pass a smaller num_workers.")
         for rnd in tqdm(range(1, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress):
             start = time.perf_counter()
             clients = sample_clients(len(partitions), client_fraction, seed, rnd)

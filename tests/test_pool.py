@@ -92,3 +92,23 @@ def test_bad_knobs_raise_before_work(synthetic_train, synthetic_test, knob, valu
     kw = {**KW, knob: value}
     with pytest.raises(ValueError, match=knob):
         fh.run_federated_pool("2nn", synthetic_train, synthetic_test, parts, use_ray=False, **kw)
+
+
+def test_pool_raises_instead_of_waiting_when_actors_cannot_start(ray_cluster, synthetic_train, synthetic_test):
+    """Two actors left over (say, by a notebook cell that failed) hold both CPUs: the pool's
+    own actors cannot start, and it says so within start_timeout_s instead of hanging."""
+    parts = fh.make_partition("iid", synthetic_train[1].numpy(), 4)
+    x_ref, y_ref = ray_cluster.put(synthetic_train[0].numpy()), ray_cluster.put(synthetic_train[1].numpy())
+    hogs = [fh.ClientTrainer.remote(x_ref, y_ref, "simple") for _ in range(2)]
+    ray_cluster.get([h.node_id.remote() for h in hogs])
+    try:
+        with pytest.raises(RuntimeError, match="start_timeout_s"):
+            fh.run_federated_pool("simple", synthetic_train, synthetic_test, parts, use_ray=True, num_workers=2,
+                                  start_timeout_s=3, **{**KW, "rounds": 1})
+    finally:
+        for h in hogs:
+            ray_cluster.kill(h)
+    # and with the CPUs free again, the pool runs
+    _, hist = fh.run_federated_pool("simple", synthetic_train, synthetic_test, parts, use_ray=True, num_workers=2,
+                                    **{**KW, "rounds": 1})
+    assert len(hist) == 1

@@ -79,6 +79,36 @@ def split_spec(text: str) -> str:
     return text
 
 
+def strategy_spec(text: str) -> str:
+    """A compare strategy: its name, optionally with knobs of its own that override the knob flags
+    for it alone, e.g. "fedadam:server_lr=0.03" or "fedprox:mu=0.1" (several: comma-separated)."""
+    name, _, rest = text.partition(":")
+    if name not in fh.STRATEGIES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the strategy must be one of {', '.join(fh.STRATEGIES)}")
+    takes = knobs_of("strategy", name)
+    for item in rest.split(",") if rest else []:
+        key, eq, value = item.partition("=")
+        if not eq or key.replace("-", "_") not in takes:
+            raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not KNOB=VALUE with KNOB one of "
+                                             f"{', '.join(takes) or '(none)'}, the knobs {name} takes")
+        try:
+            KNOBS[key.replace("-", "_")][0](value)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {key} {err}") from None
+    return text
+
+
+def spec_knobs(spec: str) -> dict[str, Any]:
+    """{parameter name: value} of the knobs written into a strategy spec like "fedadam:server_lr=0.03"."""
+    name, _, rest = spec.partition(":")
+    takes, out = knobs_of("strategy", name), {}
+    for item in rest.split(",") if rest else []:
+        key, _, value = item.partition("=")
+        key = key.replace("-", "_")
+        out[takes[key][0]] = KNOBS[key][0](value)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # Knobs: which partitions and strategies take which flags (read from fed_helpers)
 # ----------------------------------------------------------------------------
@@ -210,9 +240,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                          "table of final accuracy (mean ± std over seeds). Finished runs with the same "
                          "config are skipped, so a stopped comparison can be rerun.")
     add_run_flags(cmp, compare=True)
-    cmp.add_argument("--strategies", nargs="+", choices=list(fh.STRATEGIES), metavar="NAME",
+    cmp.add_argument("--strategies", nargs="+", type=strategy_spec, metavar="NAME",
                      default=["fedavg", "fedprox", "scaffold", "fedadam"],
-                     help=f"strategies, each one of {', '.join(fh.STRATEGIES)} "
+                     help=f"strategies, each one of {', '.join(fh.STRATEGIES)}, optionally with knobs for it "
+                     "alone: NAME:KNOB=VALUE[,KNOB=VALUE], e.g. fedadam:server_lr=0.03 "
                      "(default: fedavg fedprox scaffold fedadam)")
     cmp.add_argument("--splits", nargs="+", type=split_spec, metavar="SPLIT",
                      default=["iid", "dirichlet:0.5", "dirichlet:0.1", "classes:2"],
@@ -269,9 +300,11 @@ def experiment_config(args: argparse.Namespace, partition: str, strategy: str, s
     pknobs = resolve_knobs(args, "partition", partition, strict)
     if split and ":" in split:
         pknobs[MAIN_KNOB[partition]] = KNOBS[MAIN_KNOB[partition]][0](split.partition(":")[2])
+    name = strategy.partition(":")[0]  # in compare, a spec like "fedadam:server_lr=0.03"
+    sknobs = {**resolve_knobs(args, "strategy", name, strict), **spec_knobs(strategy)}
     return {"dataset": args.dataset, "model": args.model, "partition": partition, "partition_knobs": pknobs,
-            "clients": args.clients, "fraction": args.fraction, "strategy": strategy,
-            "strategy_knobs": resolve_knobs(args, "strategy", strategy, strict), "rounds": args.rounds,
+            "clients": args.clients, "fraction": args.fraction, "strategy": name,
+            "strategy_knobs": sknobs, "rounds": args.rounds,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples}
 
@@ -361,7 +394,9 @@ def run_one(cfg: dict, data: tuple[tuple, tuple], prepared: tuple, out: Path, ru
 
 def plan_compare(args: argparse.Namespace) -> list[tuple[tuple, dict, tuple]]:
     """Every run of the grid as ((split, strategy, seed), config, data), each checked before any training."""
-    for kind, names in (("partition", [s.partition(":")[0] for s in args.splits]), ("strategy", args.strategies)):
+    names_of = {"partition": [s.partition(":")[0] for s in args.splits],
+                "strategy": [s.partition(":")[0] for s in args.strategies]}
+    for kind, names in names_of.items():
         for dest in PARTITION_KNOBS if kind == "partition" else STRATEGY_KNOBS:
             if getattr(args, dest) is not None and not any(dest in knobs_of(kind, n) for n in names):
                 raise UsageError(f"argument {flag(dest)}: no {kind} of the comparison takes it")
@@ -379,7 +414,7 @@ def compare(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], run
     """Run (or skip, if done with the same config) every run of the plan, then write the table."""
     out, records = Path(args.out), {}
     for (split, strategy, seed), cfg, data in tqdm(plan, desc="runs", unit="run"):
-        folder = out / split.replace(":", "-") / strategy / f"seed{seed}"
+        folder = out / split.replace(":", "-") / strategy.replace(":", "-").replace(",", "_") / f"seed{seed}"
         name = f"{split} {strategy} seed{seed}"
         old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
         if old is not None and old["config"] == json.loads(json.dumps(cfg)):

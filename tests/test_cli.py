@@ -192,3 +192,24 @@ def test_compare_tiny_grid_then_resume(tmp_path, capsys):
     second = capsys.readouterr().out
     assert second.count("skip ") == 3 and second.count("done ") == 1 and "done iid fedprox seed0" in second
     assert kept.stat().st_mtime_ns == mtime and (out / "table.md").read_text() == table
+
+
+def test_compare_strategy_specs_set_knobs_for_one_strategy_alone(tmp_path, capsys):
+    """--server-lr would also change SCAFFOLD's server step: NAME:KNOB=VALUE sets it for one strategy."""
+    out = tmp_path / "cmp"
+    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "400", "--no-ray", "--mu", "0.5",
+            "--strategies", "scaffold", "fedadam:server_lr=0.03,beta1=0.5", "fedprox:mu=0.2", "--splits", "iid",
+            "--seeds", "0", "--out", str(out)]
+    assert fedrun.main(argv) == 0
+    assert load_record(out / "iid" / "scaffold" / "seed0")["config"]["strategy_knobs"]["server_lr"] == 1.0
+    adam = load_record(out / "iid" / "fedadam-server_lr=0.03_beta1=0.5" / "seed0")["config"]
+    assert adam["strategy"] == "fedadam"
+    assert adam["strategy_knobs"]["server_lr"] == 0.03 and adam["strategy_knobs"]["beta1"] == 0.5
+    prox = load_record(out / "iid" / "fedprox-mu=0.2" / "seed0")["config"]
+    assert prox["strategy_knobs"] == {"mu": 0.2}  # the spec beats the --mu flag
+    assert "| fedadam:server_lr=0.03,beta1=0.5 |" in (out / "table.md").read_text()
+    for bad, expected in [("fedadam:mu=0.1", "mu=0.1"), ("fedprox:mu=-1", ">= 0"), ("nope", "one of")]:
+        with pytest.raises(SystemExit) as exc:
+            fedrun.main([*argv[:-6], "--strategies", bad, "--splits", "iid", "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "--strategies" in err and expected in err, err

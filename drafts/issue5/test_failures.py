@@ -1,5 +1,6 @@
 """Notebook 08_when_clients_fail: fault injection (crash, kill, slow, NaN), the checks on
 client updates, the deadline and min_clients rules, and checkpoint/resume of `run_resilient`.
+Skipped while section 08 is not in fed_helpers.py (it waits in drafts/issue5).
 
 The runs use the "simple" model, the first 800 synthetic training samples split into 8
 equal clients (6 sampled per round) and 2-5 rounds. Most runs are in process
@@ -29,6 +30,10 @@ import ray
 import torch
 
 import fed_helpers as fh
+
+if not hasattr(fh, "run_resilient"):
+    pytest.skip("section 08 (run_resilient) is not in fed_helpers.py: it waits in drafts/issue5",
+                allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 8
@@ -91,9 +96,11 @@ def data(synthetic_train, synthetic_test):
 
 
 def run(data, strategy: str | fh.FedAvg = "fedavg", **kw):
-    """run_resilient on `data` with KW, in process unless kw says otherwise."""
+    """run_resilient on `data` with KW, in process unless kw says otherwise. A straggler takes
+    600 s unless kw says otherwise: more than any deadline used here, so it is late at once."""
     s = fresh(strategy) if isinstance(strategy, str) else strategy
-    return fh.run_resilient(s, "simple", data.train, data.test, data.parts, **{**KW, "use_ray": False, **kw})
+    return fh.run_resilient(s, "simple", data.train, data.test, data.parts,
+                            **{**KW, "use_ray": False, "slow_s": 600, **kw})
 
 
 def flat(model) -> torch.Tensor:
@@ -342,6 +349,29 @@ def test_without_faults_in_process_equals_run_strategy(data, strategy_floor, nam
 def test_zero_fault_rates_are_no_faults(data, strategy_floor):
     model, hist = run(data, "fedavgm", faults={k: 0.0 for k in fh.FAULTS}, deadline_s=None, rounds=2)
     assert_like_run_strategy(model, hist, *strategy_floor("fedavgm"))
+
+
+def test_in_process_a_straggler_that_makes_the_deadline_is_waited_for(data, strategy_floor, monkeypatch):
+    """slow_s < deadline: the straggler is run (it sleeps slow_s) and counted, as if it were on time."""
+    slept: list[float] = []
+    monkeypatch.setattr(fh.time, "sleep", slept.append)  # no real waiting: just what was asked for
+    faults = {"slow": 0.3}
+    model, hist = run(data, faults=faults, slow_s=0.25, deadline_s=None, rounds=2)
+    slow = [k for r in hist for k, v in r["faults"].items() if v == "slow"]
+    assert len(slow) >= 1
+    assert all(r["late"] == [] and r["accepted"] == r["sampled"] for r in hist)
+    assert torch.equal(flat(model), flat(strategy_floor("fedavg")[0]))
+    assert slept == [0.25] * len(slow)  # each straggler waited slow_s
+
+
+def test_on_ray_a_straggler_that_makes_the_deadline_is_waited_for(ray_cluster, data, strategy_floor):
+    faults = {"slow": 0.3}
+    start = time.perf_counter()
+    model, hist = run(data, faults=faults, slow_s=0.5, deadline_s=60, rounds=2, use_ray=True)
+    assert any(v == "slow" for r in hist for v in r["faults"].values())
+    assert all(r["late"] == [] and r["accepted"] == r["sampled"] for r in hist)
+    assert torch.equal(flat(model), flat(strategy_floor("fedavg")[0]))
+    assert time.perf_counter() - start >= 0.5 * sum("slow" in r["faults"].values() for r in hist)
 
 
 @pytest.mark.parametrize("name", ["scaffold", "fedadam"])
@@ -777,7 +807,8 @@ def assert_refused_untouched(data, run_dir: Path, match: str, name: str = "scaff
     with pytest.raises(ValueError, match=match) as info:
         run(data, s, run_dir=run_dir, **{**RESUME, **kw})
     assert all_files(run_dir) == before
-    assert vars(s).keys() == vars_before.keys() and all(vars(s)[k] is v for k, v in vars_before.items())
+    changed = sorted(set(vars(s)) ^ set(vars_before) | {k for k, v in vars_before.items() if vars(s).get(k) is not v})
+    assert not changed, f"the strategy was changed before the checkpoint was refused: {changed}"
     return str(info.value)
 
 
@@ -809,6 +840,15 @@ def test_corrupt_checkpoint_is_refused_and_nothing_changes(data, scaffold_dir, d
 def test_checkpoint_of_another_run_is_refused_naming_what_differs(data, scaffold_dir, name, change, differ):
     msg = assert_refused_untouched(data, scaffold_dir, "different run", name=name, **change)
     assert f"different run: {differ} differ;" in msg
+
+
+@pytest.mark.parametrize("name", ["fedadam", "scaffold"])
+def test_fewer_rounds_than_the_checkpoint_holds_are_refused(data, tmp_path, scaffold_dir, name):
+    run_dir = scaffold_dir
+    if name != "scaffold":
+        run_dir = tmp_path / name
+        run(data, name, run_dir=run_dir, **{**RESUME, "rounds": 2})
+    assert_refused_untouched(data, run_dir, r"already holds 2 rounds, more than rounds=1", name=name, rounds=1)
 
 
 def test_checkpoint_with_other_partitions_is_refused(data, scaffold_dir):

@@ -38,14 +38,7 @@ if not hasattr(fh, "run_resilient"):
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 8
 NUM_SAMPLES = 800
-STRAT_KNOBS = {
-    "fedavg": {},
-    "fedprox": {"mu": 0.5},
-    "fedavgm": {"server_lr": 1.0, "momentum": 0.9},
-    "fedadam": {"server_lr": 0.01},
-    "fedyogi": {"server_lr": 0.01},
-    "scaffold": {},
-}
+from test_strategies import STRAT_KNOBS  # noqa: E402  (a non-trivial knob per strategy)
 # 6 of 8 clients per round, so some clients skip rounds (SCAFFOLD's store must keep their state).
 KW = dict(rounds=3, client_fraction=0.75, local_epochs=1, batch_size=25, lr=0.05, seed=5, progress=False)
 # The checkpoint/resume runs: 5 rounds with crashes and NaN updates.

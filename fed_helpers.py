@@ -1154,6 +1154,8 @@ def run_federated_pool(
         raise ValueError(f"num_workers must be an integer >= 1 or None (one per CPU), got {num_workers!r}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    if not start_timeout_s > 0:
+        raise ValueError(f"start_timeout_s must be > 0 (seconds), got {start_timeout_s!r}")
     strategy = strategy if strategy is not None else FedAvg()
     engine_start = time.perf_counter()
     model = make_model(model_name, seed)

@@ -86,7 +86,7 @@ def test_stream_in_order_yields_clients_in_order(ray_cluster, synthetic_train):
 
 @pytest.mark.parametrize("knob, value", [("num_workers", 0), ("num_workers", 1.5), ("chunk_size", 0),
                                          ("rounds", 0), ("client_fraction", 1.5), ("lr", 0.0),
-                                         ("batch_size", 0)])
+                                         ("batch_size", 0), ("start_timeout_s", 0)])
 def test_bad_knobs_raise_before_work(synthetic_train, synthetic_test, knob, value):
     parts = fh.make_partition("iid", synthetic_train[1].numpy(), 4)
     kw = {**KW, knob: value}

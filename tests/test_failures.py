@@ -31,14 +31,12 @@ import torch
 
 import fed_helpers as fh
 
-if not hasattr(fh, "run_resilient"):
-    pytest.skip("section 08 (run_resilient) is not in fed_helpers.py: it waits in drafts/issue5",
-                allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 8
 NUM_SAMPLES = 800
 from test_strategies import STRAT_KNOBS  # noqa: E402  (a non-trivial knob per strategy)
+
 # 6 of 8 clients per round, so some clients skip rounds (SCAFFOLD's store must keep their state).
 KW = dict(rounds=3, client_fraction=0.75, local_epochs=1, batch_size=25, lr=0.05, seed=5, progress=False)
 # The checkpoint/resume runs: 5 rounds with crashes and NaN updates.
@@ -344,17 +342,16 @@ def test_zero_fault_rates_are_no_faults(data, strategy_floor):
     assert_like_run_strategy(model, hist, *strategy_floor("fedavgm"))
 
 
-def test_in_process_a_straggler_that_makes_the_deadline_is_waited_for(data, strategy_floor, monkeypatch):
+def test_in_process_a_straggler_that_makes_the_deadline_is_waited_for(data, strategy_floor):
     """slow_s < deadline: the straggler is run (it sleeps slow_s) and counted, as if it were on time."""
-    slept: list[float] = []
-    monkeypatch.setattr(fh.time, "sleep", slept.append)  # no real waiting: just what was asked for
     faults = {"slow": 0.3}
     model, hist = run(data, faults=faults, slow_s=0.25, deadline_s=None, rounds=2)
-    slow = [k for r in hist for k, v in r["faults"].items() if v == "slow"]
-    assert len(slow) >= 1
+    for row in hist:
+        slow = [k for k, v in row["faults"].items() if v == "slow"]
+        assert row["seconds"] >= 0.25 * len(slow)  # each straggler waited slow_s, one after another
+    assert sum(v == "slow" for r in hist for v in r["faults"].values()) >= 1
     assert all(r["late"] == [] and r["accepted"] == r["sampled"] for r in hist)
     assert torch.equal(flat(model), flat(strategy_floor("fedavg")[0]))
-    assert slept == [0.25] * len(slow)  # each straggler waited slow_s
 
 
 def test_on_ray_a_straggler_that_makes_the_deadline_is_waited_for(ray_cluster, data, strategy_floor):

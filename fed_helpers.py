@@ -1435,7 +1435,7 @@ def run_resilient(
     client_fraction: float = 1.0, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
     momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, use_ray: bool = True,
     deadline_s: float | None = 300.0, min_clients: int = 1, max_norm_ratio: float | None = 20.0,
-    faults: dict[str, float] | None = None, slow_s: float = 60.0, run_dir: str | Path | None = None,
+    faults: dict[str, float] | None = None, slow_s: float = float("inf"), run_dir: str | Path | None = None,
     on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
 ) -> tuple[nn.Module, list[dict]]:
     """`run_strategy` for clients that fail. Each round waits at most `deadline_s` seconds
@@ -1446,7 +1446,7 @@ def run_resilient(
     "nan": rate}. With `run_dir`, every round is checkpointed there and a rerun resumes
     from the last complete round. Each call starts the strategy's server state afresh (or from
     the checkpoint). Without faults or late clients it gives `run_strategy`'s bits. A "slow"
-    client naps `slow_s` seconds before it trains. In process (`use_ray=False`, one client at a
+    client naps `slow_s` seconds (inf: never answers) before it trains. In process (`use_ray=False`, one client at a
     time) a "kill" is a crash, and a straggler that cannot make the deadline is late at once.
     Introduced in 08_when_clients_fail.
     """
@@ -1457,6 +1457,10 @@ def run_resilient(
     assign_faults([], seed, 0, **faults)  # checks the rates
     if deadline_s is not None:
         _check_knob("deadline_s", deadline_s, 1e-3, float("inf"))
+    _check_knob("slow_s", slow_s, 0, float("inf"))
+    if deadline_s is None and math.isinf(slow_s) and faults.get("slow", 0) > 0:
+        raise ValueError("faults['slow'] > 0 with slow_s=inf (stragglers that never answer) needs a deadline_s, "
+                         "not None")
     if not isinstance(min_clients, (int, np.integer)) or not 1 <= min_clients <= len(partitions):
         raise ValueError(f"min_clients must be an integer in [1, {len(partitions)}] (the number of clients), "
                          f"got {min_clients!r}")

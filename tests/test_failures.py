@@ -31,7 +31,6 @@ import torch
 
 import fed_helpers as fh
 
-
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 8
 NUM_SAMPLES = 800
@@ -517,6 +516,10 @@ BAD_KNOBS = [
     ({"max_norm_ratio": 0.5}, r"max_norm_ratio must be a number in \[1, inf\], got 0.5"),
     ({"max_norm_ratio": 0}, r"max_norm_ratio must be a number in \[1, inf\], got 0"),
     ({"max_norm_ratio": -20}, r"max_norm_ratio must be a number"),
+    ({"slow_s": -1}, r"slow_s must be a number in \[0, inf\], got -1"),
+    ({"slow_s": float("nan")}, r"slow_s must be a number"),
+    ({"faults": {"slow": 0.2}, "deadline_s": None, "slow_s": float("inf")},
+     r"faults\['slow'\] > 0 with slow_s=inf \(stragglers that never answer\) needs a deadline_s"),
 ]
 
 

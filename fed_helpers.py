@@ -1276,9 +1276,13 @@ def faulty_client(
     model_name: str, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray,
     epochs: int, batch_size: int, lr: float, seed: int, momentum: float = 0.0, weight_decay: float = 0.0,
     payload: tuple[str, object] | None = None, fault: str | None = None, slow_s: float = 60.0,
+    give_up_at: float | None = None,
 ) -> tuple[int, float, np.ndarray]:
     """`train_client_flat`, with the injected `fault` (see `assign_faults`) acted out.
-    "kill" ends the process it runs in: call it only in a Ray worker. Introduced in 08_when_clients_fail.
+    "kill" ends the process it runs in: call it only in a Ray worker. A "slow" client naps
+    `slow_s` seconds, and gives up (TimeoutError) at `give_up_at` (a `time.time()`: the
+    round's deadline), as a device does when the server's reporting window has closed.
+    Introduced in 08_when_clients_fail.
     """
     if fault == "crash":
         raise RuntimeError("injected fault: the client crashed")
@@ -1287,6 +1291,8 @@ def faulty_client(
     if fault == "slow":
         end = time.monotonic() + slow_s
         while time.monotonic() < end:  # short naps: ray.cancel can stop the task between two of them
+            if give_up_at is not None and time.time() >= give_up_at:
+                raise TimeoutError("the straggler gave up: the round's deadline has passed")
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
     n, loss, w = train_client_flat(make_model(model_name), weights, x_all, y_all, indices, epochs, batch_size, lr,
                                    seed, momentum, weight_decay, payload)
@@ -1515,8 +1521,9 @@ def run_resilient(
                 w_ref = ray.put(w.numpy())
                 # Injected stragglers go last: here they share our CPUs, in the field each has its own device.
                 order = sorted(clients, key=lambda k: fault_of.get(k) == "slow")
+                give_up_at = None if deadline_s is None else time.time() + deadline_s  # told to every client
                 pending = {faulty_client_remote.remote(model_name, w_ref, x_all, y_all, *jobs[k], fault_of.get(k),
-                                                       slow_s): k for k in order}
+                                                       slow_s, give_up_at): k for k in order}
                 while pending:
                     left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - start))
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=left)

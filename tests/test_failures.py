@@ -192,6 +192,10 @@ def test_faulty_client_acts_out_each_fault(data):
     n, loss, w_slow = fh.faulty_client(*args, fault="slow", slow_s=0.3)
     assert time.perf_counter() - start >= 0.3
     assert np.array_equal(w_slow, w_ok)  # late, but right
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="the straggler gave up"):  # told the deadline, it stops napping there
+        fh.faulty_client(*args, fault="slow", slow_s=600, give_up_at=time.time() + 0.3)
+    assert 0.3 <= time.perf_counter() - start < 5
 
 
 def test_describe_error_gives_one_line_of_the_cause():
@@ -967,3 +971,4 @@ def test_rerunning_on_ray_leaks_no_workers_and_little_memory(ray_cluster, data):
     while busy_workers(ray_workers()) and time.monotonic() < end:
         time.sleep(0.25)
     assert busy_workers(ray_workers()) == []
+

@@ -25,8 +25,8 @@ run: setup                                   ## execute every notebook headless 
 
 test: setup                                  ## lint, unit tests, module/notebook sync, notebooks under nbval
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 notebooks
+	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 --durations=10 notebooks
 
 bench: setup                                 ## measure the round loop: W1 classroom run, W2 scale (JSON in benchmarks/)
 	$(PY) benchmarks/bench.py

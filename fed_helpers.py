@@ -1250,8 +1250,8 @@ FAULTS = ("crash", "kill", "slow", "nan")
 def assign_faults(clients: Sequence[int], seed: int, round_idx: int, crash: float = 0.0, kill: float = 0.0,
                   slow: float = 0.0, nan: float = 0.0) -> dict[int, str]:
     """Fault injection: {client id: fault} for this round's `clients`. Each client draws at
-    most one fault: "crash" (raises), "kill" (its worker process exits), "slow" (answers
-    long after any deadline) or "nan" (sends NaN weights), with the given probabilities.
+    most one fault: "crash" (raises), "kill" (its worker process exits), "slow" (answers late,
+    or never: see `run_resilient`'s slow_s) or "nan" (sends NaN weights), with these probabilities.
     The draw depends on (seed, round, client) only, so a faulty run is reproducible.
     Introduced in 08_when_clients_fail.
     """

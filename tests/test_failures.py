@@ -1,11 +1,10 @@
 """Notebook 08_when_clients_fail: fault injection (crash, kill, slow, NaN), the checks on
 client updates, the deadline and min_clients rules, and checkpoint/resume of `run_resilient`.
-Skipped while section 08 is not in fed_helpers.py (it waits in drafts/issue5).
 
 The runs use the "simple" model, the first 800 synthetic training samples split into 8
 equal clients (6 sampled per round) and 2-5 rounds. Most runs are in process
-(`use_ray=False`); the Ray ones use the session's 2-CPU Ray, and the killed process and
-the two-node cluster run in subprocesses. Seeds of the Ray runs are chosen (see the
+(`use_ray=False`); the Ray ones use the session's 2-CPU Ray, and the killed process runs in a
+subprocess (the two-node cluster and a fresh Ray are in test_cluster.py). Seeds of the Ray runs are chosen (see the
 comments) so that each fault happens, but only as often as needed: a "kill" costs two
 worker starts.
 """

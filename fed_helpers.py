@@ -10,16 +10,19 @@ notebook, then copy the cell here, or the test fails and shows the difference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -456,6 +459,23 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _check_knob(
+    name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    """Return `value` as a float, or raise ValueError naming the knob and its range. NaN is
+    always refused, and so are +-inf unless `allow_inf`. Introduced in 03_local_training.
+    """
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = number and not math.isnan(value) and (allow_inf or math.isfinite(value)) and (
+        low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        shown = "(" + f"{low:g}" if low_open else "[" + f"{low:g}"
+        shown += f", {high:g}" + (")" if high_open or (math.isinf(high) and not allow_inf) else "]")
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number in {shown}, got {value!r}")
+    return float(value)
+
+
 def check_training_knobs(
     epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> None:
@@ -467,12 +487,9 @@ def check_training_knobs(
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    _check_knob("lr", lr, 0, math.inf, low_open=True)
+    _check_knob("momentum", momentum, 0, 1, high_open=True)
+    _check_knob("weight_decay", weight_decay, 0, math.inf)
 
 
 def train_local(
@@ -605,7 +622,7 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) 
 
 
 # ----------------------------------------------------------------------------
-# 05_round_loop: the full FedAvg round loop
+# 05_round_loop: one round engine, built here with FedAvg and extended by every later notebook
 # ----------------------------------------------------------------------------
 
 
@@ -629,67 +646,427 @@ def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
 
-def check_round_knobs(
-    rounds: int, client_fraction: float, partitions: Sequence[np.ndarray], local_epochs: int,
-    batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-) -> None:
-    """Raise ValueError naming the first round-loop knob out of range, before any work.
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    """All of `model`'s parameters as one float32 vector (a copy), in state-dict order:
+    the one weight format of the engine. Introduced in 05_round_loop.
+    """
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def set_flat_weights(model: nn.Module, flat: torch.Tensor | np.ndarray) -> nn.Module:
+    """Load the flat vector `flat` into `model`'s parameters (which become views of a copy
+    of it). Introduced in 05_round_loop.
+    """
+    flat = flat.detach().clone() if isinstance(flat, torch.Tensor) else torch.tensor(flat)
+    torch.nn.utils.vector_to_parameters(flat.to(torch.float32), model.parameters())
+    return model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every local-training knob, checked once when it is made. Introduced in 05_round_loop."""
+
+    model: str = "2nn"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        check_training_knobs(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work order for one round. Introduced in 05_round_loop."""
+
+    cid: int  # client id
+    round: int
+    indices: np.ndarray  # which training samples the client holds
+    seed: int  # its batch order, from (run seed, round, client)
+    payload: tuple | None = None  # from the strategy: (hook maker, its argument), or None (plain SGD)
+    give_up_at: float | None = None  # the round's deadline, as a time.time()
+    fault: str | None = None  # set only by fault injection (notebook 08)
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """What comes back from one client. Introduced in 05_round_loop."""
+
+    cid: int
+    num_samples: int = 0
+    loss: float = float("nan")  # its last local epoch's mean training loss
+    weights: np.ndarray | None = None  # its new flat float32 weights, as sent
+    status: str = "ok"  # "ok", "failed" (it raised, or its worker died) or "late" (missed the deadline)
+    error: str = ""
+
+
+def train_client(
+    model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, job: ClientJob, cfg: TrainConfig
+) -> ClientResult:
+    """The engine's one client function: load the global `weights` into `model` (any model of
+    the right architecture: its old weights are overwritten), train on the job's samples with the
+    gradient hook its payload makes, and return the new flat weights. One PyTorch thread, so
+    the bits do not depend on where it runs. Introduced in 05_round_loop.
+    """
+    with torch_threads(1):
+        w = torch.tensor(weights)  # a copy: arrays from Ray are read-only
+        torch.nn.utils.vector_to_parameters(w, model.parameters())
+        hook = job.payload[0](model, w, job.payload[1]) if job.payload is not None else None
+        x, y = torch.from_numpy(x_all[job.indices]), torch.from_numpy(y_all[job.indices])
+        losses = train_local(model, x, y, cfg.epochs, cfg.batch_size, cfg.lr, job.seed, cfg.momentum,
+                             cfg.weight_decay, hook)
+        return ClientResult(job.cid, len(job.indices), losses[-1], flat_weights(model).numpy())
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for the history: the error's type and first line (a Ray task error: its cause's).
 
     Introduced in 05_round_loop.
+    """
+    cause = getattr(err, "cause", None) or err
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"[:200]
+
+
+def run_client(
+    client: Callable, model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray,
+    job: ClientJob, cfg: TrainConfig,
+) -> ClientResult:
+    """Run `client` on `job` as every executor does: a job whose deadline has passed is late
+    without starting; an exception becomes a "failed" result (a TimeoutError a "late" one)
+    instead of stopping the round. Introduced in 05_round_loop.
+    """
+    if job.give_up_at is not None and time.time() >= job.give_up_at:
+        return ClientResult(job.cid, status="late", error="the round's deadline passed before it started")
+    try:
+        return client(model, weights, x_all, y_all, job, cfg)
+    except Exception as err:
+        return ClientResult(job.cid, status="late" if isinstance(err, TimeoutError) else "failed",
+                            error=describe_error(err))
+
+
+@dataclass(frozen=True)
+class TransformedClient:
+    """A client function whose update is changed on the client, before it leaves:
+    `transform(new_weights, global_weights, job)` returns what is sent. Introduced in 05_round_loop.
+    """
+
+    inner: Callable
+    transform: Callable
+
+    def __call__(self, model, weights, x_all, y_all, job, cfg) -> ClientResult:
+        r = self.inner(model, weights, x_all, y_all, job, cfg)
+        return replace(r, weights=np.asarray(self.transform(r.weights, weights, job), dtype=np.float32))
+
+
+class InProcess:
+    """Executor: every client in this process, one after another. The compute floor, and the
+    reference for the bits. Every executor has `start`, `run` (results in client-id order,
+    honouring each job's deadline) and `stop`. Introduced in 05_round_loop.
+    """
+
+    name = "in-process"
+
+    def start(self, x_all: np.ndarray, y_all: np.ndarray, cfg: TrainConfig, client: Callable) -> None:
+        self.x_all, self.y_all, self.client, self.model = x_all, y_all, client, make_model(cfg.model)
+
+    def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
+        out = [run_client(self.client, self.model, weights, self.x_all, self.y_all, job, cfg) for job in jobs]
+        return sorted(out, key=lambda r: r.cid)
+
+    def stop(self) -> None:
+        self.x_all = self.y_all = None
+
+
+def ray_client(client: Callable, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, job: ClientJob,
+               cfg: TrainConfig) -> ClientResult:
+    """What one Ray task runs: `run_client` on a fresh model. Introduced in 05_round_loop."""
+    return run_client(client, make_model(cfg.model), weights, x_all, y_all, job, cfg)
+
+
+# A dead worker is retried once (the task is a pure function: safe to rerun); an exception never is.
+ray_client_remote = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(ray_client)
+
+
+def gather(pending: dict, give_up_at: float | None, on_done: Callable | None = None) -> list[ClientResult]:
+    """Wait for the Ray refs in `pending` ({ref: its jobs}) until `give_up_at`. A ref that
+    raises (its worker or actor died) fails its jobs; refs still running at the deadline are
+    cancelled and their jobs are late. `on_done(ref, error)` (error: None, or what the ref raised)
+    may return more {ref: jobs} to wait for.
+    Results come back in client-id order. Introduced in 05_round_loop.
+    """
+    results: list[ClientResult] = []
+    try:
+        while pending:
+            left = None if give_up_at is None else max(0.0, give_up_at - time.time())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not done:
+                break  # the deadline has passed
+            jobs, error = pending.pop(done[0]), None
+            try:
+                out = ray.get(done[0])
+                results += out if isinstance(out, list) else [out]
+            except Exception as err:  # its worker died (after Ray's retry), or its actor did
+                error = err
+                results += [ClientResult(j.cid, status="failed", error=describe_error(err)) for j in jobs]
+            if on_done is not None:
+                pending.update(on_done(done[0], error))
+    finally:  # at the deadline, and however else we leave (even Ctrl-C): stop what still runs
+        for ref in pending:
+            ray.cancel(ref)
+    late = [ClientResult(j.cid, status="late", error="no answer by the deadline")
+            for jobs in pending.values() for j in jobs]
+    return sorted(results + late, key=lambda r: r.cid)
+
+
+class RayTasks:
+    """Executor: one Ray task per client per round, as in notebook 04: the data is put into
+    the object store once per run, the weights once per round. Introduced in 05_round_loop.
+    """
+
+    name = "ray-tasks"
+
+    def start(self, x_all: np.ndarray, y_all: np.ndarray, cfg: TrainConfig, client: Callable) -> None:
+        init_ray()
+        self.x_ref, self.y_ref, self.client = ray.put(x_all), ray.put(y_all), client
+
+    def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
+        w_ref = ray.put(weights)
+        pending = {ray_client_remote.remote(self.client, w_ref, self.x_ref, self.y_ref, job, cfg): [job]
+                   for job in jobs}
+        return gather(pending, jobs[0].give_up_at if jobs else None)
+
+    def stop(self) -> None:
+        self.x_ref = self.y_ref = None  # frees the data in the object store
+
+
+class FedAvg:
+    """McMahan et al. (2017), the engine's default strategy. A strategy decides what each
+    client receives (`payload`) and how the server steps (`receive`, `server_step`). Client:
+    plain local SGD. Server: the new global model is the aggregate (the sample-weighted mean).
+    Notebook 06's strategies override only what they change. Introduced in 05_round_loop.
+    """
+
+    name = "fedavg"
+
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple | None:
+        """What client `cid` receives besides the weights: (hook maker, argument), or None (plain SGD)."""
+        return None
+
+    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
+        """Called for each accepted client's result, in client-id order (SCAFFOLD keeps state here)."""
+
+    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        """The new global weights (float32) from the old ones and the float64 aggregate."""
+        return avg.to(torch.float32)
+
+    def reset(self) -> None:
+        """Forget what an earlier run taught the server: every tensor it holds is dropped."""
+        for k, v in list(vars(self).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, None)
+
+
+def local_steps(num_samples: int, epochs: int, batch_size: int) -> int:
+    """SGD steps a client with `num_samples` takes: epochs * ceil(samples / batch).
+
+    Introduced in 05_round_loop.
+    """
+    return epochs * math.ceil(num_samples / batch_size)
+
+
+def weighted_mean(results: Sequence[ClientResult], global_w: torch.Tensor) -> torch.Tensor:
+    """The default server-side aggregation: sum_k (n_k / n) * w_k in float64, folded in the
+    given (client-id) order, so the bits never depend on who finished first. Introduced in 05_round_loop.
+    """
+    sizes = np.array([r.num_samples for r in results], dtype=np.float64)
+    avg = torch.zeros(len(global_w), dtype=torch.float64)
+    for r, c in zip(results, sizes / sizes.sum()):
+        avg += float(c) * torch.tensor(r.weights, dtype=torch.float64)
+    return avg
+
+
+def client_drift(results: Sequence[ClientResult], global_w: torch.Tensor) -> float:
+    """Root-mean-square distance of the client models from their sample-weighted mean
+    (weighted by samples). Notebook 06 explains why it matters. Introduced in 05_round_loop.
+    """
+    sizes = np.array([r.num_samples for r in results], dtype=np.float64)
+    g, mean, spread = global_w.double(), torch.zeros(len(global_w), dtype=torch.float64), 0.0
+    for r, c in zip(results, sizes / sizes.sum()):
+        d = torch.tensor(r.weights, dtype=torch.float64) - g
+        mean += float(c) * d
+        spread += float(c) * float(d.square().sum())
+    return math.sqrt(max(spread - float(mean.square().sum()), 0.0))
+
+
+def wire_size(obj: object) -> int:
+    """Bytes `obj` takes when serialized the way Ray sends it: pickle protocol 5, with numpy
+    arrays as out-of-band buffers (measured without copying them). Introduced in 05_round_loop.
+    """
+    buffers: list = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return len(head) + sum(b.raw().nbytes for b in buffers)
+
+
+@dataclass
+class RoundPolicy:
+    """How a round treats its clients. This one is strict: a client that fails, or misses
+    `deadline_s` (seconds; None: no deadline), stops the run with its error, since without
+    fault injection that is a bug. Notebook 08's `Resilient` tolerates them. A round with fewer
+    than `min_clients` usable updates keeps the model. Introduced in 05_round_loop.
+    """
+
+    deadline_s: float | None = None
+    min_clients: int = 1
+
+    def __post_init__(self) -> None:
+        if self.deadline_s is not None:
+            _check_knob("deadline_s", self.deadline_s, 0, math.inf, low_open=True)
+        if not isinstance(self.min_clients, (int, np.integer)) or self.min_clients < 1:
+            raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients!r}")
+
+    def wrap(self, client: Callable) -> Callable:
+        """The client function as this policy runs it (08 wraps it in fault injection)."""
+        return client
+
+    def plan(self, jobs: list[ClientJob], seed: int) -> list[ClientJob]:
+        """The round's jobs, in the order they are handed out (08 adds faults here)."""
+        return jobs
+
+    def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
+        """{client id: reason} for the answers not to aggregate; here, raise at the first failure."""
+        for r in results:
+            if r.status != "ok":
+                raise RuntimeError(f"client {r.cid} is {r.status}: {r.error} (RoundPolicy stops the run; "
+                                   "notebook 08's Resilient policy leaves such clients out)")
+        return {}
+
+
+@dataclass(frozen=True, eq=False)
+class FedTask:
+    """What a federated run learns, and from whom: the data, its split across clients, the
+    local-training knobs, the share of clients per round and the seed; all checked when it is
+    made, before any work. Introduced in 05_round_loop.
+    """
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    partitions: Sequence[np.ndarray]
+    config: TrainConfig = TrainConfig()
+    client_fraction: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.train[1])
+        _check_knob("client_fraction", self.client_fraction, 0, 1, low_open=True)
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if len(self.partitions) == 0 or any(len(p) == 0 for p in self.partitions):
+            raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
+        for k, p in enumerate(self.partitions):
+            p = np.asarray(p)
+            if p.dtype.kind not in "iu" or p.min() < 0 or p.max() >= n:
+                raise ValueError(f"partitions[{k}] must hold integer sample indices in [0, {n - 1}] (the training "
+                                 f"set has {n} samples), got {p.dtype} values in [{p.min()}, {p.max()}]")
+
+
+def make_jobs(task: FedTask, strategy: FedAvg, global_w: torch.Tensor, rnd: int,
+              deadline_s: float | None) -> list[ClientJob]:
+    """Sample round `rnd`'s clients and write each one's job, in client-id order.
+
+    Introduced in 05_round_loop.
+    """
+    clients = sample_clients(len(task.partitions), task.client_fraction, task.seed, rnd)
+    give_up_at = None if deadline_s is None else time.time() + deadline_s
+    return [ClientJob(int(k), rnd, task.partitions[k], client_seed(task.seed, rnd, int(k)),
+                      strategy.payload(int(k), global_w), give_up_at) for k in clients]
+
+
+def history_row(rnd: int, jobs: list[ClientJob], results: list[ClientResult], rejected: dict[int, str],
+                accepted: list[ClientResult], aggregated: bool, weights: np.ndarray, global_w: torch.Tensor,
+                test_loss: float, test_acc: float, seconds: float) -> dict:
+    """The one history format: a JSON-ready row per round. `bytes_sent` is what crossed the
+    network, down (weights and payload to every sampled client) plus up (every answer that
+    arrived), as serialized. Introduced in 05_round_loop.
+    """
+    answered = [r for r in results if r.status == "ok"]
+    sizes = np.array([r.num_samples for r in accepted], dtype=np.float64)
+    down = len(jobs) * wire_size(weights) + sum(wire_size(j.payload) for j in jobs)
+    up = sum(wire_size(r) for r in answered)
+    return {
+        "round": rnd, "accuracy": test_acc, "loss": test_loss,
+        "train_loss": float(np.dot(sizes, [r.loss for r in accepted]) / sizes.sum()) if aggregated else None,
+        "drift": client_drift(accepted, global_w) if aggregated else None,
+        "clients": len(accepted), "sampled": [j.cid for j in jobs], "accepted": [r.cid for r in accepted],
+        "failed": {str(r.cid): r.error for r in results if r.status == "failed"},
+        "late": [r.cid for r in results if r.status == "late"],
+        "rejected": {str(k): v for k, v in sorted(rejected.items())},
+        "aggregated": aggregated, "seconds": seconds, "bytes_down": down, "bytes_up": up, "bytes_sent": down + up,
+    }
+
+
+def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, executor, policy: RoundPolicy,
+              aggregate: Callable) -> dict:
+    """One round: plan the jobs, run them, screen the answers, aggregate the accepted ones,
+    let the strategy step, evaluate. Returns the round's history row. Introduced in 05_round_loop.
+    """
+    start, cfg = time.perf_counter(), task.config
+    w = flat_weights(model)
+    jobs = policy.plan(make_jobs(task, strategy, w, rnd, policy.deadline_s), task.seed)
+    results = executor.run(jobs, w.numpy(), cfg)  # in client-id order, whoever finished first
+    rejected = policy.screen(results, w)
+    accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
+    aggregated = len(accepted) >= policy.min_clients  # else the model is kept
+    if aggregated:
+        avg = aggregate(accepted, w)
+        for r in accepted:
+            strategy.receive(r.cid, w, torch.tensor(r.weights), local_steps(r.num_samples, cfg.epochs,
+                                                                            cfg.batch_size), cfg.lr)
+        set_flat_weights(model, strategy.server_step(w, avg))
+    loss, acc = evaluate(model, *task.test)
+    return history_row(rnd, jobs, results, rejected, accepted, aggregated, w.numpy(), w, loss, acc,
+                       time.perf_counter() - start)
+
+
+def run_rounds(
+    task: FedTask, rounds: int, strategy: FedAvg | None = None, executor=None, policy: RoundPolicy | None = None,
+    transform: Callable | None = None, aggregate: Callable = weighted_mean, checkpoint=None,
+    callbacks: Sequence[Callable[[list[dict]], None]] = (), progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """The round engine: `rounds` rounds of `task`, with pieces that later notebooks replace:
+    the `strategy` (FedAvg), the `executor` (`InProcess`), the round `policy` (strict), the
+    client-side `transform` of each update, the server-side `aggregate` rule, a `checkpoint`er
+    (resume), and `callbacks` called with the history after every round. Returns the final
+    model and the history. Introduced in 05_round_loop.
     """
     if not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if not 0 < client_fraction <= 1:
-        raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
-    if len(partitions) == 0 or any(len(p) == 0 for p in partitions):
-        raise ValueError("partitions must hold at least 1 client, each with at least 1 sample")
-    check_training_knobs(local_epochs, batch_size, lr, momentum, weight_decay)
-
-
-def run_federated(
-    model_name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-    partitions: Sequence[np.ndarray], rounds: int = 10, client_fraction: float = 1.0,
-    local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
-    use_ray: bool = True, on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
-) -> tuple[nn.Module, list[dict]]:
-    """FedAvg (McMahan et al. 2017): each round, sample clients, train them from the
-    global model (on Ray in parallel, or one after another), average their weights by
-    sample count, evaluate. Returns the final model and one history row per round.
-    Introduced in 05_round_loop.
-    """
-    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr)
-    model = make_model(model_name, seed)
-    x_all, y_all = train[0].numpy(), train[1].numpy()
-    if use_ray:
-        init_ray()
-        x_all, y_all = ray.put(x_all), ray.put(y_all)  # into the object store once, not once per task
-    history: list[dict] = []
-    for rnd in tqdm(range(1, rounds + 1), desc="rounds", disable=not progress):
-        start = time.perf_counter()
-        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
-        state = model.state_dict()
-        jobs = [(state, x_all, y_all, partitions[k], model_name, local_epochs, batch_size, lr,
-                 client_seed(seed, rnd, k)) for k in clients]
-        if use_ray:
-            state_ref = ray.put(state)  # once per round, shared by every client
-            results = ray.get([client_update_remote.remote(state_ref, *job[1:]) for job in jobs])
-        else:
-            results = [client_update(*job) for job in jobs]
-        # results are in client-id order, whatever order the clients finished in
-        load_weights(model, fedavg([r[0] for r in results], [r[1] for r in results]))
-        loss, acc = evaluate(model, *test)
-        sizes = np.array([r[1] for r in results])
-        history.append({
-            "round": rnd,
-            "accuracy": acc,
-            "loss": loss,
-            "train_loss": float(np.dot(sizes, [r[2] for r in results]) / sizes.sum()),
-            "clients": len(clients),
-            "seconds": time.perf_counter() - start,
-            "bytes_sent": 2 * len(clients) * state_dict_bytes(state),  # down + up
-        })
-        if on_round is not None:
-            on_round(history)
+    strategy, executor, policy = strategy or FedAvg(), executor or InProcess(), policy or RoundPolicy()
+    if policy.min_clients > len(task.partitions):
+        raise ValueError(f"min_clients must be in [1, {len(task.partitions)}] (the number of clients), "
+                         f"got {policy.min_clients}")
+    client = policy.wrap(train_client if transform is None else TransformedClient(train_client, transform))
+    model, history = make_model(task.config.model, task.seed), []
+    strategy.reset()  # each run starts the server afresh...
+    if checkpoint is not None:  # ...or from its last checkpoint
+        history = checkpoint.restore(model, strategy, rounds, task, policy, transform, aggregate)
+    executor.start(task.train[0].numpy(), task.train[1].numpy(), task.config, client)
+    try:  # however the loop ends (even Ctrl-C), the executor stops: no leaked workers
+        for rnd in tqdm(range(len(history) + 1, rounds + 1), desc=f"rounds ({strategy.name}, {executor.name})",
+                        initial=len(history), total=rounds, disable=not progress):
+            if checkpoint is not None:
+                checkpoint.begin(rnd, strategy)
+            history.append(run_round(rnd, model, task, strategy, executor, policy, aggregate))
+            if checkpoint is not None:
+                checkpoint.save(model, strategy, history)
+            for callback in callbacks:
+                callback(history)
+    finally:
+        executor.stop()
     return model, history
 
 
@@ -739,14 +1116,6 @@ def live_plot(label: str, earlier: dict[str, list[dict]] | None = None, baseline
 # ----------------------------------------------------------------------------
 
 
-def flat_weights(model: nn.Module) -> torch.Tensor:
-    """All of `model`'s parameters as one float32 vector (a copy), in state-dict order.
-
-    Strategies do their arithmetic on this vector. Introduced in 06_client_drift.
-    """
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-
-
 def split_like(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
     """Views of the flat vector `flat`, one per parameter of `model`, in the same shapes.
 
@@ -785,64 +1154,6 @@ def correction_hook(model: nn.Module, global_w: torch.Tensor, correction: np.nda
     return hook
 
 
-CLIENT_HOOKS = {"prox": prox_hook, "correction": correction_hook}
-
-
-def train_client_flat(
-    model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray,
-    epochs: int, batch_size: int, lr: float, seed: int, momentum: float = 0.0, weight_decay: float = 0.0,
-    payload: tuple[str, object] | None = None,
-) -> tuple[int, float, np.ndarray]:
-    """One client's work on flat weights: load the global `weights` into `model` (any
-    model of the right architecture: its old weights are overwritten), train with the
-    gradient hook the strategy's `payload` names (None: plain SGD, as in FedAvg), return
-    (samples, last epoch's loss, new flat weights). Introduced in 06_client_drift.
-    """
-    with torch_threads(1):
-        w = torch.from_numpy(np.array(weights))
-        torch.nn.utils.vector_to_parameters(w, model.parameters())
-        hook = CLIENT_HOOKS[payload[0]](model, w, payload[1]) if payload is not None else None
-        x = torch.from_numpy(x_all[indices])
-        y = torch.from_numpy(y_all[indices])
-        losses = train_local(model, x, y, epochs, batch_size, lr, seed, momentum, weight_decay, hook)
-        return len(indices), losses[-1], flat_weights(model).numpy()
-
-
-train_client_flat_remote = ray.remote(num_cpus=1)(train_client_flat)
-
-
-def _check_knob(name: str, value: float, low: float, high: float, high_open: bool = False) -> float:
-    """Return `value` as a float, or raise ValueError naming the knob and its range.
-
-    Introduced in 06_client_drift.
-    """
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and low <= value and (
-        value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
-    return float(value)
-
-
-class FedAvg:
-    """McMahan et al. (2017). Client: plain local SGD. Server: the new global model is
-    the sample-weighted mean of the client models. The base of every strategy below:
-    each overrides only what it changes. Introduced in 06_client_drift.
-    """
-
-    name = "fedavg"
-
-    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, object] | None:
-        """What client `cid` receives besides the weights (None: nothing, plain SGD)."""
-        return None
-
-    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
-        """Called for each client's result, in client-id order (SCAFFOLD keeps state here)."""
-
-    def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
-        """The new global weights (float32) from the old ones and the float64 weighted mean."""
-        return avg.to(torch.float32)
-
-
 class FedProx(FedAvg):
     """Li et al. (2020). Client: local loss + (mu / 2) * ||w - w_global||^2, which limits
     how far a client drifts; mu = 0 is FedAvg. Server: as FedAvg. Introduced in 06_client_drift.
@@ -851,10 +1162,10 @@ class FedProx(FedAvg):
     name = "fedprox"
 
     def __init__(self, mu: float = 0.01):
-        self.mu = _check_knob("mu", mu, 0, float("inf"))
+        self.mu = _check_knob("mu", mu, 0, math.inf)
 
-    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, object]:
-        return ("prox", self.mu)
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple:
+        return (prox_hook, self.mu)
 
 
 class FedAvgM(FedAvg):
@@ -867,7 +1178,7 @@ class FedAvgM(FedAvg):
     name = "fedavgm"
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
-        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.server_lr = _check_knob("server_lr", server_lr, 0, math.inf, low_open=True)
         self.momentum = _check_knob("momentum", momentum, 0, 1, high_open=True)
         self.m: torch.Tensor | None = None
 
@@ -886,10 +1197,10 @@ class FedAdam(FedAvg):
     name = "fedadam"
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
-        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.server_lr = _check_knob("server_lr", server_lr, 0, math.inf, low_open=True)
         self.beta1 = _check_knob("beta1", beta1, 0, 1, high_open=True)
         self.beta2 = _check_knob("beta2", beta2, 0, 1, high_open=True)
-        self.tau = _check_knob("tau", tau, 1e-12, float("inf"))
+        self.tau = _check_knob("tau", tau, 0, math.inf, low_open=True)
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
@@ -946,6 +1257,12 @@ class ClientStateStore:
         np.save(tmp, value)
         os.replace(tmp, self.path(cid))
 
+    def clear(self) -> ClientStateStore:
+        """Delete every client's state; returns the (now empty) store."""
+        for f in self.folder.glob("client_*.npy"):
+            f.unlink()
+        return self
+
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("client_*[0-9].npy"))
 
@@ -964,18 +1281,23 @@ class Scaffold(FedAvg):
         if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
             raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
         self.num_clients = int(num_clients)
-        self.server_lr = _check_knob("server_lr", server_lr, 0, float("inf"))
+        self.server_lr = _check_knob("server_lr", server_lr, 0, math.inf, low_open=True)
+        self.state_dir = state_dir
         self.store = ClientStateStore(state_dir)
         self.c: torch.Tensor | None = None  # float64, created at the first round
         self.dc_sum: torch.Tensor | None = None  # sum of this round's c_i+ - c_i
 
+    def reset(self) -> None:
+        super().reset()
+        self.store = ClientStateStore(self.state_dir).clear()
+
     def _c_i(self, cid: int) -> torch.Tensor:
         return torch.from_numpy(self.store.get(cid, np.zeros(len(self.c), np.float32))).double()
 
-    def payload(self, cid: int, global_w: torch.Tensor) -> tuple[str, np.ndarray]:
+    def payload(self, cid: int, global_w: torch.Tensor) -> tuple:
         if self.c is None:
             self.c = torch.zeros(len(global_w), dtype=torch.float64)
-        return ("correction", (self.c - self._c_i(cid)).to(torch.float32).numpy())
+        return (correction_hook, (self.c - self._c_i(cid)).to(torch.float32).numpy())
 
     def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
         c_i = self._c_i(cid)
@@ -1010,234 +1332,91 @@ def make_strategy(name: str = "fedavg", num_clients: int = 1, **knobs) -> FedAvg
     return cls(num_clients, **knobs) if cls is Scaffold else cls(**knobs)
 
 
-def local_steps(num_samples: int, epochs: int, batch_size: int) -> int:
-    """SGD steps a client with `num_samples` takes: epochs * ceil(samples / batch).
-
-    Introduced in 06_client_drift.
-    """
-    return epochs * math.ceil(num_samples / batch_size)
-
-
-def payload_bytes(payload: tuple[str, object] | None) -> int:
-    """Bytes a strategy's payload adds to a client's download (arrays only; a number is free).
-
-    Introduced in 06_client_drift.
-    """
-    return payload[1].nbytes if payload is not None and isinstance(payload[1], np.ndarray) else 0
-
-
-def run_strategy(
-    strategy: FedAvg, model_name: str, train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor], partitions: Sequence[np.ndarray], rounds: int = 10,
-    client_fraction: float = 1.0, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
-    momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, use_ray: bool = True,
-    on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
-) -> tuple[nn.Module, list[dict]]:
-    """Notebook 05's round loop with a `strategy`: each client gets the flat global weights
-    and the strategy's payload, trains (Ray tasks, or one after another), and the results
-    are folded in client-id order into a float64 weighted mean, handed to
-    `strategy.receive`, and turned into the next global model by `strategy.server_step`.
-    With `FedAvg()` it gives the same bits as `run_federated`. Introduced in 06_client_drift.
-    """
-    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
-    model = make_model(model_name, seed)
-    x_all, y_all = train[0].numpy(), train[1].numpy()
-    if use_ray:
-        init_ray()
-        x_all, y_all = ray.put(x_all), ray.put(y_all)
-    history: list[dict] = []
-    for rnd in tqdm(range(1, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress):
-        start = time.perf_counter()
-        clients = sample_clients(len(partitions), client_fraction, seed, rnd)
-        w = flat_weights(model)
-        jobs = [(partitions[k], client_seed(seed, rnd, k), strategy.payload(int(k), w)) for k in clients]
-        knobs = (local_epochs, batch_size, lr)
-        if use_ray:
-            w_ref, model_ref = ray.put(w.numpy()), ray.put(model)
-            results = ray.get([train_client_flat_remote.remote(model_ref, w_ref, x_all, y_all, idx, *knobs, s,
-                                                               momentum, weight_decay, pay) for idx, s, pay in jobs])
-        else:
-            results = [train_client_flat(make_model(model_name), w.numpy(), x_all, y_all, idx, *knobs, s,
-                                         momentum, weight_decay, pay) for idx, s, pay in jobs]
-        sizes = np.array([r[0] for r in results], dtype=np.float64)
-        coef = sizes / sizes.sum()
-        avg = torch.zeros(len(w), dtype=torch.float64)
-        spread = 0.0  # sum_k coef_k * ||w_k - w||^2, for the drift
-        for k, c, (n, _, w_k) in zip(clients, coef, results):  # client-id order: a fixed summation order
-            w_k = torch.tensor(w_k)  # a copy: arrays from Ray are read-only
-            avg += float(c) * w_k.to(torch.float64)
-            spread += float(c) * float((w_k.double() - w.double()).square().sum())
-            strategy.receive(int(k), w, w_k, local_steps(n, local_epochs, batch_size), lr)
-        drift = math.sqrt(max(spread - float((avg - w.double()).square().sum()), 0.0))
-        torch.nn.utils.vector_to_parameters(strategy.server_step(w, avg), model.parameters())
-        loss, acc = evaluate(model, *test)
-        history.append({
-            "round": rnd,
-            "accuracy": acc,
-            "loss": loss,
-            "train_loss": float(np.dot(sizes, [r[1] for r in results]) / sizes.sum()),
-            "drift": drift,  # RMS distance of the client models from their weighted mean
-            "clients": len(clients),
-            "seconds": time.perf_counter() - start,
-            "bytes_sent": 2 * len(clients) * w.numel() * 4 + sum(payload_bytes(job[2]) for job in jobs),
-        })
-        if on_round is not None:
-            on_round(history)
-    return model, history
-
-
 # ----------------------------------------------------------------------------
-# 07_scaling_with_ray: a pool of long-lived actors and streaming aggregation
+# 07_scaling_with_ray: the actor-pool executor
 # ----------------------------------------------------------------------------
 
 
 @ray.remote(num_cpus=1)
 class ClientTrainer:
-    """A long-lived Ray worker that keeps the dataset and one model between rounds and
-    trains whichever clients it is given. Introduced in 07_scaling_with_ray.
+    """A long-lived Ray worker that keeps the dataset and one model between rounds and runs
+    the client function on whichever chunk of jobs it is given. Introduced in 07_scaling_with_ray.
     """
 
-    def __init__(self, x_all: np.ndarray, y_all: np.ndarray, model_name: str):
+    def __init__(self, x_all: np.ndarray, y_all: np.ndarray, model_name: str, client: Callable):
         torch.set_num_threads(1)
         self.x_all, self.y_all = x_all, y_all  # zero-copy views of the object store
-        self.model = make_model(model_name)
+        self.model, self.client = make_model(model_name), client
 
-    def train(self, weights: np.ndarray, jobs: list[tuple[int, np.ndarray, int, tuple | None]], epochs: int,
-              batch_size: int, lr: float, momentum: float = 0.0,
-              weight_decay: float = 0.0) -> list[tuple[int, int, float, np.ndarray]]:
-        """Train each (client id, indices, seed, payload) job; return (id, samples, loss, weights)."""
-        return [(cid, *train_client_flat(self.model, weights, self.x_all, self.y_all, idx, epochs, batch_size,
-                                         lr, seed, momentum, weight_decay, payload))
-                for cid, idx, seed, payload in jobs]
+    def train(self, weights: np.ndarray, jobs: list[ClientJob], cfg: TrainConfig) -> list[ClientResult]:
+        """Run each job of the chunk, one after another (a job past its deadline is late at once)."""
+        return [run_client(self.client, self.model, weights, self.x_all, self.y_all, job, cfg) for job in jobs]
 
     def node_id(self) -> str:
         """The Ray node this actor lives on."""
         return ray.get_runtime_context().get_node_id()
 
 
-def stream_in_order(workers: list, weights_ref, chunks: list[list], args: tuple) -> Iterator[tuple]:
-    """Hand `chunks` of client jobs to `workers`, keeping two chunks queued per worker,
-    and yield each client's result as soon as it and every chunk before it have
-    arrived: results come out in chunk order whatever order the workers finish in.
-    Introduced in 07_scaling_with_ray.
+class ActorPool:
+    """Executor: `num_workers` long-lived `ClientTrainer` actors (default: one per CPU of the
+    cluster) that keep the data; each round the weights are put once and the jobs go out in
+    chunks of `chunk_size` (default: about 8 chunks per worker), two queued per worker, the next
+    one to whichever worker finishes first. An actor that dies loses the chunks it holds and is
+    replaced by a fresh one. Introduced in 07_scaling_with_ray.
     """
-    pending, arrived, submitted, next_out = {}, {}, 0, 0
 
-    def submit(worker: int) -> None:
-        nonlocal submitted
-        pending[workers[worker].train.remote(weights_ref, chunks[submitted], *args)] = (submitted, worker)
-        submitted += 1
+    name = "actor-pool"
 
-    for i in range(min(len(chunks), 2 * len(workers))):
-        submit(i % len(workers))
-    while pending:
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        i, worker = pending.pop(done)
-        arrived[i] = ray.get(done)
-        if submitted < len(chunks):
-            submit(worker)
-        while next_out in arrived:
-            yield from arrived.pop(next_out)
-            next_out += 1
+    def __init__(self, num_workers: int | None = None, chunk_size: int | None = None, start_timeout_s: float = 120.0):
+        for knob, value in (("num_workers", num_workers), ("chunk_size", chunk_size)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{knob} must be an integer >= 1 or None (automatic), got {value!r}")
+        self.start_timeout_s = _check_knob("start_timeout_s", start_timeout_s, 0, math.inf, low_open=True)
+        self.num_workers, self.chunk_size, self.workers = num_workers, chunk_size, []
 
-
-def run_federated_pool(
-    model_name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-    partitions: Sequence[np.ndarray], rounds: int = 10, client_fraction: float = 1.0,
-    local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
-    num_workers: int | None = None, use_ray: bool = True, chunk_size: int | None = None,
-    on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
-    strategy: FedAvg | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
-    start_timeout_s: float = 120.0,
-) -> tuple[nn.Module, list[dict]]:
-    """The round loop at scale: the same math as `run_strategy` (and, for FedAvg, as
-    `run_federated`), bit for bit, but clients are trained in chunks by `num_workers`
-    long-lived `ClientTrainer` actors (default: one per CPU), global weights travel as one
-    flat buffer put once per round, and results are folded into a float64 sum in
-    client-id order as they arrive, so the driver never holds all client models at once.
-    `strategy` defaults to `FedAvg()`. With `use_ray=False` the same code runs in this
-    process, one client after another: the compute floor. Actors that have not started within
-    `start_timeout_s` (say, their CPUs are held by other actors) raise RuntimeError rather than
-    wait forever. Introduced in 07_scaling_with_ray.
-    """
-    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
-    if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 1):
-        raise ValueError(f"num_workers must be an integer >= 1 or None (one per CPU), got {num_workers!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
-    if not start_timeout_s > 0:
-        raise ValueError(f"start_timeout_s must be > 0 (seconds), got {start_timeout_s!r}")
-    strategy = strategy if strategy is not None else FedAvg()
-    engine_start = time.perf_counter()
-    model = make_model(model_name, seed)
-    x_np, y_np = train[0].numpy(), train[1].numpy()
-    if use_ray:
+    def start(self, x_all: np.ndarray, y_all: np.ndarray, cfg: TrainConfig, client: Callable) -> None:
         init_ray()
-        num_workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # one per CPU
-        x_ref, y_ref = ray.put(x_np), ray.put(y_np)
-        workers = [ClientTrainer.remote(x_ref, y_ref, model_name) for _ in range(num_workers)]
-    else:
-        local = make_model(model_name)
-    history: list[dict] = []
-    knobs = (local_epochs, batch_size, lr, momentum, weight_decay)
-    try:  # however the loop ends (even Ctrl-C), stop the actors: no leaked workers
-        if use_ray:  # an actor that cannot start (its CPU held by other actors) would leave us waiting forever
-            ready, _ = ray.wait([w.node_id.remote() for w in workers], num_returns=num_workers,
-                                timeout=start_timeout_s)
-            if len(ready) < num_workers:
-                raise RuntimeError(
-                    f"only {len(ready)} of num_workers={num_workers} ClientTrainer actors started within "
-                    f"start_timeout_s={start_timeout_s} s; "
-                    f"Ray's free resources: {ray.available_resources()}. Actors left by an earlier cell may hold "
-                    "the CPUs: ray.kill them, restart the kernel, or pass a smaller num_workers.")
-        for rnd in tqdm(range(1, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress):
-            start = time.perf_counter()
-            clients = sample_clients(len(partitions), client_fraction, seed, rnd)
-            sizes = np.array([len(partitions[k]) for k in clients], dtype=np.float64)
-            coef = sizes / sizes.sum()
-            w = flat_weights(model)
-            weights = w.numpy()
-            jobs = [(int(k), partitions[k], client_seed(seed, rnd, k), strategy.payload(int(k), w)) for k in clients]
-            if use_ray:
-                size = chunk_size or max(1, len(jobs) // (8 * num_workers))  # ~8 chunks per worker: balanced
-                chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-                results = stream_in_order(workers, ray.put(weights), chunks, knobs)
-            else:
-                results = ((cid, *train_client_flat(local, weights, x_np, y_np, idx, *knobs[:3], s, *knobs[3:], pay))
-                           for cid, idx, s, pay in jobs)
-            total = torch.zeros(len(weights), dtype=torch.float64)
-            loss_sum, spread = 0.0, 0.0
-            for pos, (cid, n, loss, w_k) in enumerate(results):  # client-id order: a fixed summation order
-                assert cid == clients[pos]
-                if pos == 0:
-                    first_result = time.perf_counter() - engine_start
-                w_k = torch.tensor(w_k)  # a copy: arrays from Ray are read-only
-                total += float(coef[pos]) * w_k.to(torch.float64)
-                spread += float(coef[pos]) * float((w_k.double() - w.double()).square().sum())
-                strategy.receive(cid, w, w_k, local_steps(n, local_epochs, batch_size), lr)
-                loss_sum += n * loss
-            drift = math.sqrt(max(spread - float((total - w.double()).square().sum()), 0.0))
-            torch.nn.utils.vector_to_parameters(strategy.server_step(w, total), model.parameters())
-            loss, acc = evaluate(model, *test)
-            history.append({
-                "round": rnd,
-                "accuracy": acc,
-                "loss": loss,
-                "train_loss": loss_sum / sizes.sum(),
-                "drift": drift,  # RMS distance of the client models from their weighted mean
-                "clients": len(clients),
-                "seconds": time.perf_counter() - start,
-                "bytes_sent": 2 * len(clients) * weights.nbytes + sum(payload_bytes(job[3]) for job in jobs),
-                "first_result": first_result,  # seconds from engine start to this round's first client result
-                "elapsed": time.perf_counter() - engine_start,
-            })
-            if on_round is not None:
-                on_round(history)
-    finally:
-        if use_ray:
-            for worker in workers:
-                ray.kill(worker)
-    return model, history
+        n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.args = (ray.put(x_all), ray.put(y_all), cfg.model, client)  # kept: a replacement actor needs them
+        self.workers = [ClientTrainer.remote(*self.args) for _ in range(n)]
+        ready, _ = ray.wait([w.node_id.remote() for w in self.workers], num_returns=n, timeout=self.start_timeout_s)
+        if len(ready) < n:  # an actor that cannot start (its CPU held by others) would leave us waiting forever
+            self.stop()
+            raise RuntimeError(
+                f"only {len(ready)} of num_workers={n} ClientTrainer actors started within start_timeout_s="
+                f"{self.start_timeout_s} s; Ray's free resources: {ray.available_resources()}. Actors left by an "
+                "earlier cell may hold the CPUs: ray.kill them, restart the kernel, or pass a smaller num_workers.")
+
+    def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
+        size = self.chunk_size or max(1, len(jobs) // (8 * len(self.workers)))
+        todo = [jobs[i : i + size] for i in range(0, len(jobs), size)][::-1]  # popped from the end: in order
+        w_ref, owner = ray.put(weights), {}
+
+        def submit(i: int) -> dict:
+            if not todo:
+                return {}
+            chunk = todo.pop()
+            ref = self.workers[i].train.remote(w_ref, chunk, cfg)
+            owner[ref] = (i, self.workers[i])
+            return {ref: chunk}
+
+        def on_done(ref, error) -> dict:
+            i, worker = owner.pop(ref)
+            if isinstance(error, ray.exceptions.RayActorError) and self.workers[i] is worker:
+                self.workers[i] = ClientTrainer.remote(*self.args)  # the actor died: a fresh one takes its place
+            return submit(i)
+
+        pending = {}
+        for i in list(range(len(self.workers))) * 2:  # two chunks queued per worker, so none waits for the driver
+            pending.update(submit(i))
+        results = gather(pending, jobs[0].give_up_at if jobs else None, on_done)
+        never_sent = [ClientResult(j.cid, status="late", error="no answer by the deadline") for c in todo for j in c]
+        return sorted(results + never_sent, key=lambda r: r.cid)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers, self.args = [], None
 
 
 # ----------------------------------------------------------------------------
@@ -1272,45 +1451,46 @@ def assign_faults(clients: Sequence[int], seed: int, round_idx: int, crash: floa
     return out
 
 
+def in_ray_worker() -> bool:
+    """True inside a Ray worker process (a task or an actor), False in the driver (this kernel).
+
+    Introduced in 08_when_clients_fail.
+    """
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def straggle(slow_s: float, give_up_at: float | None) -> None:
+    """A straggler's nap of `slow_s` seconds, in 50 ms slices (so a gentle `ray.cancel` can stop
+    it), giving up (TimeoutError) at `give_up_at`, as a device does when the server's window has
+    closed. In this process, where it would only hold up the clients after it, a nap that cannot
+    end before `give_up_at` gives up at once. Introduced in 08_when_clients_fail.
+    """
+    if give_up_at is not None and not in_ray_worker() and time.time() + slow_s >= give_up_at:
+        raise TimeoutError("the straggler cannot answer before the round's deadline")
+    end = time.monotonic() + slow_s
+    while time.monotonic() < end:
+        if give_up_at is not None and time.time() >= give_up_at:
+            raise TimeoutError("the straggler gave up: the round's deadline has passed")
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
 def faulty_client(
-    model_name: str, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray,
-    epochs: int, batch_size: int, lr: float, seed: int, momentum: float = 0.0, weight_decay: float = 0.0,
-    payload: tuple[str, object] | None = None, fault: str | None = None, slow_s: float = 60.0,
-    give_up_at: float | None = None,
-) -> tuple[int, float, np.ndarray]:
-    """`train_client_flat`, with the injected `fault` (see `assign_faults`) acted out.
-    "kill" ends the process it runs in: call it only in a Ray worker. A "slow" client naps
-    `slow_s` seconds, and gives up (TimeoutError) at `give_up_at` (a `time.time()`: the
-    round's deadline), as a device does when the server's reporting window has closed.
+    model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, job: ClientJob, cfg: TrainConfig,
+    inner: Callable = train_client, slow_s: float = math.inf,
+) -> ClientResult:
+    """The client function `inner`, with the job's injected fault (see `assign_faults`) acted
+    out: "crash" raises; "kill" ends the Ray worker it runs in (in this process, it crashes
+    instead); "slow" naps `slow_s` seconds first (`straggle`); "nan" sends NaN weights.
     Introduced in 08_when_clients_fail.
     """
-    if fault == "crash":
-        raise RuntimeError("injected fault: the client crashed")
-    if fault == "kill":
+    if job.fault == "crash" or (job.fault == "kill" and not in_ray_worker()):
+        raise RuntimeError(f"injected fault: the client crashed ({job.fault})")
+    if job.fault == "kill":
         os._exit(1)  # the worker process dies mid-task, as on an out-of-memory kill
-    if fault == "slow":
-        end = time.monotonic() + slow_s
-        while time.monotonic() < end:  # short naps: ray.cancel can stop the task between two of them
-            if give_up_at is not None and time.time() >= give_up_at:
-                raise TimeoutError("the straggler gave up: the round's deadline has passed")
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-    n, loss, w = train_client_flat(make_model(model_name), weights, x_all, y_all, indices, epochs, batch_size, lr,
-                                   seed, momentum, weight_decay, payload)
-    return (n, loss, np.full_like(w, np.nan)) if fault == "nan" else (n, loss, w)
-
-
-# A dead worker is retried once (the task is a pure function: safe to rerun); an exception is not.
-faulty_client_remote = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(faulty_client)
-
-
-def describe_error(err: BaseException) -> str:
-    """One line for the history: the error's type and first line (a Ray task error: its cause's).
-
-    Introduced in 08_when_clients_fail.
-    """
-    cause = getattr(err, "cause", None) or err
-    first = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first}"[:200]
+    if job.fault == "slow":
+        straggle(slow_s, job.give_up_at)
+    r = inner(model, weights, x_all, y_all, job, cfg)
+    return replace(r, weights=np.full_like(r.weights, np.nan)) if job.fault == "nan" else r
 
 
 def check_update(client_w: object, global_w: torch.Tensor) -> str | None:
@@ -1406,8 +1586,8 @@ def load_checkpoint(path: Path, fingerprint: dict, strategy: FedAvg, num_params:
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({describe_error(err)}); "
                          "delete it to start this run afresh") from err
     needed = {"format", "round", "weights", "strategy", "history", "fingerprint"}
-    if not isinstance(state, dict) or not needed <= set(state) or state["format"] != 1:
-        raise ValueError(f"checkpoint {path} is not a run_resilient checkpoint (format 1 with {sorted(needed)})")
+    if not isinstance(state, dict) or not needed <= set(state) or state["format"] != 2:
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this engine (format 2 with {sorted(needed)})")
     saved = json.loads(state["fingerprint"])
     if saved != fingerprint:
         diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
@@ -1435,168 +1615,108 @@ def load_checkpoint(path: Path, fingerprint: dict, strategy: FedAvg, num_params:
     return {**state, "history": history}
 
 
-def run_resilient(
-    strategy: FedAvg, model_name: str, train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor], partitions: Sequence[np.ndarray], rounds: int = 10,
-    client_fraction: float = 1.0, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
-    momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, use_ray: bool = True,
-    deadline_s: float | None = 300.0, min_clients: int = 1, max_norm_ratio: float | None = 20.0,
-    faults: dict[str, float] | None = None, slow_s: float = float("inf"), run_dir: str | Path | None = None,
-    on_round: Callable[[list[dict]], None] | None = None, progress: bool = True,
-) -> tuple[nn.Module, list[dict]]:
-    """`run_strategy` for clients that fail. Each round waits at most `deadline_s` seconds
-    (late clients are dropped and their tasks cancelled); a client that crashes, or whose
-    worker dies, is left out; an update with NaN/Inf, the wrong shape, or a norm over
-    `max_norm_ratio` x the round's median is rejected. The rest are averaged; with fewer
-    than `min_clients` the global model is kept. `faults` injects {"crash", "kill", "slow",
-    "nan": rate}. With `run_dir`, every round is checkpointed there and a rerun resumes
-    from the last complete round. Each call starts the strategy's server state afresh (or from
-    the checkpoint). Without faults or late clients it gives `run_strategy`'s bits. A "slow"
-    client naps `slow_s` seconds (inf: never answers) before it trains. In process (`use_ray=False`, one client at a
-    time) a "kill" is a crash, and a straggler that cannot make the deadline is late at once.
+@dataclass
+class Resilient(RoundPolicy):
+    """The round policy for clients that fail. Each round waits at most `deadline_s` seconds
+    (late clients are left out); a client that raises or whose worker dies is left out; an
+    update that fails `check_update`, or whose norm is over `max_norm_ratio` x the round's median,
+    is rejected. With fewer than `min_clients` usable updates the model is kept. `faults` injects
+    {"crash", "kill", "slow", "nan": rate}; a "slow" client naps `slow_s` (inf: never answers).
     Introduced in 08_when_clients_fail.
     """
-    check_round_knobs(rounds, client_fraction, partitions, local_epochs, batch_size, lr, momentum, weight_decay)
-    faults = dict(faults or {})
-    if set(faults) - set(FAULTS):
-        raise ValueError(f"faults may only name {list(FAULTS)}, got {sorted(set(faults) - set(FAULTS))}")
-    assign_faults([], seed, 0, **faults)  # checks the rates
-    if deadline_s is not None:
-        _check_knob("deadline_s", deadline_s, 1e-3, float("inf"))
-    _check_knob("slow_s", slow_s, 0, float("inf"))
-    if deadline_s is None and math.isinf(slow_s) and faults.get("slow", 0) > 0:
-        raise ValueError("faults['slow'] > 0 with slow_s=inf (stragglers that never answer) needs a deadline_s, "
-                         "not None")
-    if not isinstance(min_clients, (int, np.integer)) or not 1 <= min_clients <= len(partitions):
-        raise ValueError(f"min_clients must be an integer in [1, {len(partitions)}] (the number of clients), "
-                         f"got {min_clients!r}")
-    if max_norm_ratio is not None:
-        _check_knob("max_norm_ratio", max_norm_ratio, 1, float("inf"))
-    model = make_model(model_name, seed)
-    num_params = flat_weights(model).numel()
-    history: list[dict] = []
-    first, state = 1, None
-    store = getattr(strategy, "store", None)
-    if run_dir is not None:
-        run_dir, fingerprint = Path(run_dir), {
-            "model": model_name, "num_params": num_params, "strategy": strategy.name,
-            "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
-            "partitions": hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in partitions))
-            .hexdigest(), "train_samples": len(train[1]), "client_fraction": client_fraction,
-            "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-            "weight_decay": weight_decay, "seed": seed, "min_clients": int(min_clients),
-            "max_norm_ratio": max_norm_ratio, "faults": faults}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "checkpoint.pt"
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a write that a stop cut short
-        state = load_checkpoint(path, fingerprint, strategy, num_params, rounds) if path.exists() else None
-    for k in server_state(strategy):  # start afresh (or from the checkpoint), not from an earlier call's state
-        setattr(strategy, k, None if state is None else state["strategy"][k])
-    if store is not None:  # per-client state: in run_dir, or afresh in a temporary folder
-        strategy.store = store = ClientStateStore() if run_dir is None else RoundStore(run_dir / "client_state")
-        if run_dir is not None:
-            store.recover(state["round"] if state else 0)
-    if state is not None:  # all checked: now apply it
-        torch.nn.utils.vector_to_parameters(state["weights"], model.parameters())
-        history, first = state["history"], state["round"] + 1
-    x_all, y_all = train[0].numpy(), train[1].numpy()
-    if use_ray:
-        init_ray()
-        x_all, y_all = ray.put(x_all), ray.put(y_all)
-    pending: dict = {}
-    try:  # however the loop ends (even Ctrl-C), cancel what is still running
-        for rnd in tqdm(range(first, rounds + 1), desc=f"rounds ({strategy.name})", disable=not progress,
-                        initial=first - 1, total=rounds):
-            start = time.perf_counter()
-            clients = [int(k) for k in sample_clients(len(partitions), client_fraction, seed, rnd)]
-            fault_of = assign_faults(clients, seed, rnd, **faults)
-            w = flat_weights(model)
-            payloads = {k: strategy.payload(k, w) for k in clients}
-            if isinstance(store, RoundStore):
-                store.begin(rnd)
-            results, failed, late = {}, {}, []
-            jobs = {k: (partitions[k], local_epochs, batch_size, lr, client_seed(seed, rnd, k), momentum,
-                        weight_decay, payloads[k]) for k in clients}
-            if use_ray:
-                w_ref = ray.put(w.numpy())
-                # Injected stragglers go last: here they share our CPUs, in the field each has its own device.
-                order = sorted(clients, key=lambda k: fault_of.get(k) == "slow")
-                give_up_at = None if deadline_s is None else time.time() + deadline_s  # told to every client
-                pending = {faulty_client_remote.remote(model_name, w_ref, x_all, y_all, *jobs[k], fault_of.get(k),
-                                                       slow_s, give_up_at): k for k in order}
-                while pending:
-                    left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - start))
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-                    if not done:
-                        break  # the deadline has passed
-                    k = pending.pop(done[0])
-                    try:
-                        results[k] = ray.get(done[0])
-                    except Exception as err:  # the client raised, or its worker died (after Ray's retry)
-                        failed[k] = describe_error(err)
-                for ref, k in pending.items():
-                    ray.cancel(ref)  # stops the late work and frees its CPU; the worker lives on
-                    late.append(k)
-                pending = {}
+
+    deadline_s: float | None = 300.0
+    min_clients: int = 1
+    max_norm_ratio: float | None = 20.0
+    faults: dict[str, float] = field(default_factory=dict)
+    slow_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if set(self.faults) - set(FAULTS):
+            raise ValueError(f"faults may only name {list(FAULTS)}, got {sorted(set(self.faults) - set(FAULTS))}")
+        assign_faults([], 0, 0, **self.faults)  # checks the rates
+        _check_knob("slow_s", self.slow_s, 0, math.inf, allow_inf=True)
+        if self.max_norm_ratio is not None:
+            _check_knob("max_norm_ratio", self.max_norm_ratio, 1, math.inf)
+        if self.deadline_s is None and math.isinf(self.slow_s) and self.faults.get("slow", 0) > 0:
+            raise ValueError("faults['slow'] > 0 with slow_s=inf (stragglers that never answer) needs a "
+                             "deadline_s, not None")
+
+    def wrap(self, client: Callable) -> Callable:
+        return functools.partial(faulty_client, inner=client, slow_s=self.slow_s) if self.faults else client
+
+    def plan(self, jobs: list[ClientJob], seed: int) -> list[ClientJob]:
+        fault_of = assign_faults([j.cid for j in jobs], seed, jobs[0].round, **self.faults) if jobs else {}
+        jobs = [replace(j, fault=fault_of.get(j.cid)) for j in jobs]
+        # Stragglers are handed out last: here they share our CPUs; in the field each has its own device.
+        return sorted(jobs, key=lambda j: j.fault == "slow")
+
+    def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
+        rejected, norms = {}, {}
+        for r in (r for r in results if r.status == "ok"):
+            reason = check_update(r.weights, global_w)
+            if reason is None:
+                norms[r.cid] = float(np.linalg.norm(r.weights.astype(np.float64) - global_w.double().numpy()))
             else:
-                for k in clients:  # one at a time: a straggler that cannot make the deadline is late at once
-                    if (fault_of.get(k) == "slow" and deadline_s is not None and slow_s >= deadline_s) or (
-                            deadline_s is not None and time.perf_counter() - start > deadline_s):
-                        late.append(k)
-                        continue
-                    try:
-                        fault = "crash" if fault_of.get(k) == "kill" else fault_of.get(k)
-                        results[k] = faulty_client(model_name, w.numpy(), x_all, y_all, *jobs[k], fault, slow_s)
-                    except Exception as err:
-                        failed[k] = describe_error(err)
-            rejected, norms = {}, {}
-            for k in sorted(results):
-                reason = check_update(results[k][2], w)
-                if reason is None:
-                    norms[k] = float(np.linalg.norm(results[k][2].astype(np.float64) - w.double().numpy()))
-                else:
-                    rejected[k] = reason
-            rejected.update(norm_outliers(norms, max_norm_ratio) if max_norm_ratio is not None else {})
-            accepted = [k for k in clients if k in results and k not in rejected]  # client-id order
-            aggregated = len(accepted) >= min_clients
-            drift, train_loss = None, None
-            if aggregated:
-                sizes = np.array([results[k][0] for k in accepted], dtype=np.float64)
-                coef = sizes / sizes.sum()
-                avg = torch.zeros(len(w), dtype=torch.float64)
-                spread = 0.0
-                for k, c in zip(accepted, coef):  # client-id order: a fixed summation order
-                    n, _, w_k = results[k]
-                    w_k = torch.tensor(w_k)  # a copy: arrays from Ray are read-only
-                    avg += float(c) * w_k.to(torch.float64)
-                    spread += float(c) * float((w_k.double() - w.double()).square().sum())
-                    strategy.receive(k, w, w_k, local_steps(n, local_epochs, batch_size), lr)
-                drift = math.sqrt(max(spread - float((avg - w.double()).square().sum()), 0.0))
-                train_loss = float(np.dot(sizes, [results[k][1] for k in accepted]) / sizes.sum())
-                torch.nn.utils.vector_to_parameters(strategy.server_step(w, avg), model.parameters())
-            elif progress:
-                tqdm.write(f"round {rnd}: {len(accepted)} usable updates < min_clients={min_clients}: "
-                           "the global model is kept")
-            loss, acc = evaluate(model, *test)
-            history.append({
-                "round": rnd, "accuracy": acc, "loss": loss, "train_loss": train_loss, "drift": drift,
-                "clients": len(accepted), "sampled": clients, "accepted": accepted,
-                "failed": {str(k): v for k, v in sorted(failed.items())}, "late": sorted(late),
-                "rejected": {str(k): v for k, v in sorted(rejected.items())},
-                "faults": {str(k): v for k, v in sorted(fault_of.items())}, "aggregated": aggregated,
-                "seconds": time.perf_counter() - start,
-                "bytes_sent": (len(clients) + len(results)) * w.numel() * 4
-                + sum(payload_bytes(p) for p in payloads.values()),
-            })
-            if run_dir is not None:
-                save_checkpoint(path, {"format": 1, "round": rnd, "weights": flat_weights(model),
-                                       "strategy": server_state(strategy), "history": json.dumps(history),
-                                       "fingerprint": json.dumps(fingerprint)})
-                if isinstance(store, RoundStore):
-                    store.commit()
-            if on_round is not None:
-                on_round(history)
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
-    return model, history
+                rejected[r.cid] = reason
+        return {**rejected, **(norm_outliers(norms, self.max_norm_ratio) if self.max_norm_ratio else {})}
+
+
+def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transform: Callable | None,
+                    aggregate: Callable) -> dict:
+    """Everything that decides a run's bits, as plain values: a checkpoint made with other
+    settings is refused. The executor is not in it: every executor gives the same bits.
+    Introduced in 08_when_clients_fail.
+    """
+    parts = hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in task.partitions))
+    name = lambda f: None if f is None else getattr(f, "__qualname__", type(f).__qualname__)
+    return {"config": asdict(task.config), "client_fraction": task.client_fraction, "seed": task.seed,
+            "partitions": parts.hexdigest(), "train_samples": len(task.train[1]), "strategy": strategy.name,
+            "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
+            "policy": {"name": type(policy).__name__, **asdict(policy)},
+            "transform": name(transform), "aggregate": name(aggregate)}
+
+
+class Checkpointer:
+    """The engine's checkpoint piece, for any executor: after every round, the weights, the
+    strategy's server state and the history go to `run_dir/checkpoint.pt` atomically, and
+    per-client state (SCAFFOLD's) to a `RoundStore` committed with it; a rerun resumes after
+    the last complete round, once all of the checkpoint is checked. Introduced in 08_when_clients_fail.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "checkpoint.pt"
+
+    def restore(self, model: nn.Module, strategy: FedAvg, rounds: int, task: FedTask, policy: RoundPolicy,
+                transform: Callable | None, aggregate: Callable) -> list[dict]:
+        """Load the last checkpoint into `model` and `strategy`; return its history ([] if none)."""
+        self.fingerprint = run_fingerprint(task, strategy, policy, transform, aggregate)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)  # a write that a stop cut short
+        num_params = flat_weights(model).numel()
+        state = (load_checkpoint(self.path, self.fingerprint, strategy, num_params, rounds)
+                 if self.path.exists() else None)
+        if hasattr(strategy, "store"):  # per-client state lives beside the checkpoint
+            strategy.store = RoundStore(self.run_dir / "client_state")
+            strategy.store.recover(state["round"] if state else 0)
+        if state is None:
+            return []
+        for k, v in state["strategy"].items():  # all checked: now apply it
+            setattr(strategy, k, v)
+        set_flat_weights(model, state["weights"])
+        return state["history"]
+
+    def begin(self, rnd: int, strategy: FedAvg) -> None:
+        """Round `rnd` starts: per-client writes wait in a pending folder until `save`."""
+        if isinstance(getattr(strategy, "store", None), RoundStore):
+            strategy.store.begin(rnd)
+
+    def save(self, model: nn.Module, strategy: FedAvg, history: list[dict]) -> None:
+        """Checkpoint the round just finished, then commit its per-client writes."""
+        save_checkpoint(self.path, {"format": 2, "round": history[-1]["round"], "weights": flat_weights(model),
+                                    "strategy": server_state(strategy), "history": json.dumps(history),
+                                    "fingerprint": json.dumps(self.fingerprint)})
+        if isinstance(getattr(strategy, "store", None), RoundStore):
+            strategy.store.commit()

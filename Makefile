@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/FashionMNIST/raw/train-images-idx3-ubyte
 
-.PHONY: setup data run test bench compare lab clean
+.PHONY: setup data run test bench compare solutions lab clean
 
 setup: $(STAMP) $(DATA)                      ## create .venv, install pinned packages, get the data
 
@@ -33,6 +33,9 @@ bench: setup                                 ## measure the round loop: W1 class
 
 compare: setup                               ## strategies x splits x seeds on Fashion-MNIST: table in build/compare (resumable)
 	$(PY) -m fedrun compare --out build/compare
+
+solutions: setup                             ## run each "change X" exercise headless and print the figures its solution quotes
+	$(PY) tools/solutions.py
 
 lab: setup                                   ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1268,11 +1268,11 @@ class ClientStateStore:
 
 
 class Scaffold(FedAvg):
-    """Karimireddy et al. (2020), option II. Server control variate c, one c_i per client
-    (zero until the client first trains, kept in a `ClientStateStore`). Client: every
-    gradient gets + (c - c_i), cancelling its drift. After K local steps with rate lr:
-    c_i+ = c_i - c + (w_global - w_client) / (K * lr), and c += sum of (c_i+ - c_i) / num_clients.
-    Server: w += server_lr * (avg - w). Introduced in 06_client_drift.
+    """Karimireddy et al. (2020), option II. Server control variate c, one c_i per client (zero
+    until the client first trains, kept in a `ClientStateStore`). Client: every gradient gets
+    + (c - c_i), cancelling its drift. After K local steps with rate lr: c_i+ = c_i - c +
+    (w_global - w_client) / (K * lr), and c += sum of (c_i+ - c_i) / num_clients. Server:
+    w += server_lr * (avg - w). Introduced in 06_client_drift.
     """
 
     name = "scaffold"
@@ -1282,12 +1282,11 @@ class Scaffold(FedAvg):
             raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
         self.num_clients = int(num_clients)
         self.server_lr = _check_knob("server_lr", server_lr, 0, math.inf, low_open=True)
-        self.state_dir = state_dir
-        self.store = ClientStateStore(state_dir)
+        self.state_dir, self.store = state_dir, ClientStateStore(state_dir)
         self.c: torch.Tensor | None = None  # float64, created at the first round
         self.dc_sum: torch.Tensor | None = None  # sum of this round's c_i+ - c_i
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # the server forgets c, and the store every c_i
         super().reset()
         self.store = ClientStateStore(self.state_dir).clear()
 
@@ -1307,8 +1306,7 @@ class Scaffold(FedAvg):
 
     def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
         if self.dc_sum is not None:
-            self.c = self.c + self.dc_sum / self.num_clients
-            self.dc_sum = None
+            self.c, self.dc_sum = self.c + self.dc_sum / self.num_clients, None
         # = w + server_lr * (avg - w), written so that server_lr 1 returns the mean's own bits
         return (avg + (self.server_lr - 1) * (avg - global_w.double())).to(torch.float32)
 
@@ -1357,6 +1355,36 @@ class ClientTrainer:
         return ray.get_runtime_context().get_node_id()
 
 
+def run_chunks(workers: list, args: tuple, chunks: list[list[ClientJob]], w_ref, cfg: TrainConfig
+               ) -> list[ClientResult]:
+    """Hand `chunks` of jobs to the `workers` (actors), two queued per worker and the next to
+    whichever finishes first, until the jobs' deadline; an actor that dies is replaced in
+    `workers` by a fresh one made from `args`. Results in client-id order. Introduced in 07_scaling_with_ray.
+    """
+    todo, owner = chunks[::-1], {}  # popped from the end: in order
+
+    def submit(i: int) -> dict:
+        if not todo:
+            return {}
+        chunk = todo.pop()
+        ref = workers[i].train.remote(w_ref, chunk, cfg)
+        owner[ref] = (i, workers[i])
+        return {ref: chunk}
+
+    def on_done(ref, error) -> dict:
+        i, worker = owner.pop(ref)
+        if isinstance(error, ray.exceptions.RayActorError) and workers[i] is worker:
+            workers[i] = ClientTrainer.remote(*args)  # the actor died: a fresh one takes its place
+        return submit(i)
+
+    pending = {}
+    for i in list(range(len(workers))) * 2:  # two chunks queued per worker, so none waits for the driver
+        pending.update(submit(i))
+    results = gather(pending, chunks[0][0].give_up_at if chunks else None, on_done)
+    never_sent = [ClientResult(j.cid, status="late", error="no answer by the deadline") for c in todo for j in c]
+    return sorted(results + never_sent, key=lambda r: r.cid)
+
+
 class ActorPool:
     """Executor: `num_workers` long-lived `ClientTrainer` actors (default: one per CPU of the
     cluster) that keep the data; each round the weights are put once and the jobs go out in
@@ -1388,30 +1416,9 @@ class ActorPool:
                 "earlier cell may hold the CPUs: ray.kill them, restart the kernel, or pass a smaller num_workers.")
 
     def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
-        size = self.chunk_size or max(1, len(jobs) // (8 * len(self.workers)))
-        todo = [jobs[i : i + size] for i in range(0, len(jobs), size)][::-1]  # popped from the end: in order
-        w_ref, owner = ray.put(weights), {}
-
-        def submit(i: int) -> dict:
-            if not todo:
-                return {}
-            chunk = todo.pop()
-            ref = self.workers[i].train.remote(w_ref, chunk, cfg)
-            owner[ref] = (i, self.workers[i])
-            return {ref: chunk}
-
-        def on_done(ref, error) -> dict:
-            i, worker = owner.pop(ref)
-            if isinstance(error, ray.exceptions.RayActorError) and self.workers[i] is worker:
-                self.workers[i] = ClientTrainer.remote(*self.args)  # the actor died: a fresh one takes its place
-            return submit(i)
-
-        pending = {}
-        for i in list(range(len(self.workers))) * 2:  # two chunks queued per worker, so none waits for the driver
-            pending.update(submit(i))
-        results = gather(pending, jobs[0].give_up_at if jobs else None, on_done)
-        never_sent = [ClientResult(j.cid, status="late", error="no answer by the deadline") for c in todo for j in c]
-        return sorted(results + never_sent, key=lambda r: r.cid)
+        size = self.chunk_size or max(1, len(jobs) // (8 * len(self.workers)))  # ~8 chunks per worker: balanced
+        return run_chunks(self.workers, self.args, [jobs[i : i + size] for i in range(0, len(jobs), size)],
+                          ray.put(weights), cfg)
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -1615,6 +1622,21 @@ def load_checkpoint(path: Path, fingerprint: dict, strategy: FedAvg, num_params:
     return {**state, "history": history}
 
 
+def screen_updates(results: list[ClientResult], global_w: torch.Tensor, max_norm_ratio: float | None) -> dict[int, str]:
+    """{client id: reason} for the answers that must not be aggregated: those `check_update`
+    refuses, then those whose update norm is over `max_norm_ratio` x the median (None: no norm
+    rule). Failed and late clients are not answers. Introduced in 08_when_clients_fail.
+    """
+    rejected, norms = {}, {}
+    for r in (r for r in results if r.status == "ok"):
+        reason = check_update(r.weights, global_w)
+        if reason is None:
+            norms[r.cid] = float(np.linalg.norm(r.weights.astype(np.float64) - global_w.double().numpy()))
+        else:
+            rejected[r.cid] = reason
+    return {**rejected, **(norm_outliers(norms, max_norm_ratio) if max_norm_ratio is not None else {})}
+
+
 @dataclass
 class Resilient(RoundPolicy):
     """The round policy for clients that fail. Each round waits at most `deadline_s` seconds
@@ -1653,14 +1675,7 @@ class Resilient(RoundPolicy):
         return sorted(jobs, key=lambda j: j.fault == "slow")
 
     def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
-        rejected, norms = {}, {}
-        for r in (r for r in results if r.status == "ok"):
-            reason = check_update(r.weights, global_w)
-            if reason is None:
-                norms[r.cid] = float(np.linalg.norm(r.weights.astype(np.float64) - global_w.double().numpy()))
-            else:
-                rejected[r.cid] = reason
-        return {**rejected, **(norm_outliers(norms, self.max_norm_ratio) if self.max_norm_ratio else {})}
+        return screen_updates(results, global_w, self.max_norm_ratio)
 
 
 def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transform: Callable | None,
@@ -1695,8 +1710,7 @@ class Checkpointer:
         self.fingerprint = run_fingerprint(task, strategy, policy, transform, aggregate)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)  # a write that a stop cut short
-        num_params = flat_weights(model).numel()
-        state = (load_checkpoint(self.path, self.fingerprint, strategy, num_params, rounds)
+        state = (load_checkpoint(self.path, self.fingerprint, strategy, flat_weights(model).numel(), rounds)
                  if self.path.exists() else None)
         if hasattr(strategy, "store"):  # per-client state lives beside the checkpoint
             strategy.store = RoundStore(self.run_dir / "client_state")

@@ -11,10 +11,37 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import ray
+import torch
 
 import fed_helpers as fh
 
 matplotlib.use("Agg")  # no windows: figures are only inspected, never shown
+
+# A non-trivial knob per strategy, so that every strategy's own code path is exercised.
+STRAT_KNOBS = {
+    "fedavg": {},
+    "fedprox": {"mu": 0.5},
+    "fedavgm": {"server_lr": 1.0, "momentum": 0.9},
+    "fedadam": {"server_lr": 0.01},
+    "fedyogi": {"server_lr": 0.01},
+    "scaffold": {},
+}
+
+
+def fresh(name: str, num_clients: int, **knobs) -> fh.FedAvg:
+    """A new strategy `name` with its STRAT_KNOBS, overridden by `knobs` (strategies hold state)."""
+    return fh.make_strategy(name, num_clients, **{**STRAT_KNOBS[name], **knobs})
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    """The model's parameters as one flat vector (the engine's weight format)."""
+    return fh.flat_weights(model)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when the two models hold bit-identical state dicts."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture(scope="session")

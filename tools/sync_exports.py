@@ -8,6 +8,7 @@ notebooks whose export cells changed. `tests/test_sync.py` checks the result.
 
     python tools/sync_exports.py            # rewrite the notebooks
     python tools/sync_exports.py --check    # only list what differs; exit 1 if anything does
+    python tools/sync_exports.py --only 07_scaling_with_ray   # touch this notebook only
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ def definitions(source: str) -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only report differences (exit 1 if any)")
+    parser.add_argument("--only", action="append", default=[], metavar="STEM",
+                        help="only this notebook (its name without .ipynb); may be repeated")
     args = parser.parse_args()
     module = definitions((ROOT / "fed_helpers.py").read_text())
     changed = []
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        if args.only and path.stem not in args.only:
+            continue
         nb = json.loads(path.read_text())
         touched = False
         for cell in nb["cells"]:

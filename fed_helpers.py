@@ -1092,7 +1092,7 @@ def plot_history(histories: dict[str, list[dict]], baseline: float | None = None
 
 
 def live_plot(label: str, earlier: dict[str, list[dict]] | None = None, baseline: float | None = None):
-    """An `on_round` callback that redraws `plot_history` in place after every round,
+    """A `run_rounds` callback that redraws `plot_history` in place after every round,
     with finished runs in `earlier` shown alongside. Introduced in 05_round_loop.
     """
     from IPython.display import display
@@ -1437,7 +1437,7 @@ def assign_faults(clients: Sequence[int], seed: int, round_idx: int, crash: floa
                   slow: float = 0.0, nan: float = 0.0) -> dict[int, str]:
     """Fault injection: {client id: fault} for this round's `clients`. Each client draws at
     most one fault: "crash" (raises), "kill" (its worker process exits), "slow" (answers late,
-    or never: see `run_resilient`'s slow_s) or "nan" (sends NaN weights), with these probabilities.
+    or never: see `Resilient`'s slow_s) or "nan" (sends NaN weights), with these probabilities.
     The draw depends on (seed, round, client) only, so a faulty run is reproducible.
     Introduced in 08_when_clients_fail.
     """
@@ -1524,6 +1524,21 @@ def norm_outliers(update_norms: dict[int, float], max_ratio: float) -> dict[int,
             for k, v in update_norms.items() if v > max_ratio * median}
 
 
+def screen_updates(results: list[ClientResult], global_w: torch.Tensor, max_norm_ratio: float | None) -> dict[int, str]:
+    """{client id: reason} for the answers that must not be aggregated: those `check_update`
+    refuses, then those whose update norm is over `max_norm_ratio` x the median (None: no norm
+    rule). Failed and late clients are not answers. Introduced in 08_when_clients_fail.
+    """
+    rejected, norms = {}, {}
+    for r in (r for r in results if r.status == "ok"):
+        reason = check_update(r.weights, global_w)
+        if reason is None:
+            norms[r.cid] = float(np.linalg.norm(r.weights.astype(np.float64) - global_w.double().numpy()))
+        else:
+            rejected[r.cid] = reason
+    return {**rejected, **(norm_outliers(norms, max_norm_ratio) if max_norm_ratio is not None else {})}
+
+
 def server_state(strategy: FedAvg) -> dict[str, torch.Tensor | None]:
     """What a strategy has learned on the server (its tensors, e.g. momentum or control
     variates), as saved in a checkpoint; its knobs are not state. Introduced in 08_when_clients_fail.
@@ -1561,12 +1576,15 @@ class RoundStore(ClientStateStore):
         self.pending = None
 
     def recover(self, last_round: int) -> None:
-        """After a stop: finish the commit of rounds up to `last_round` (checkpointed), drop later ones."""
+        """After a stop: finish the commit of rounds up to `last_round` (checkpointed), drop later
+        ones; with no checkpoint (`last_round` 0), every client's state is dropped."""
         for pending in sorted(self.folder.glob("pending_*")):
             if int(pending.name.split("_")[1]) <= last_round:
                 self.commit(pending)
             else:
                 shutil.rmtree(pending)
+        if last_round == 0:
+            self.clear()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1622,19 +1640,60 @@ def load_checkpoint(path: Path, fingerprint: dict, strategy: FedAvg, num_params:
     return {**state, "history": history}
 
 
-def screen_updates(results: list[ClientResult], global_w: torch.Tensor, max_norm_ratio: float | None) -> dict[int, str]:
-    """{client id: reason} for the answers that must not be aggregated: those `check_update`
-    refuses, then those whose update norm is over `max_norm_ratio` x the median (None: no norm
-    rule). Failed and late clients are not answers. Introduced in 08_when_clients_fail.
+def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transform: Callable | None,
+                    aggregate: Callable) -> dict:
+    """Everything that decides a run's bits, as plain values: a checkpoint made with other
+    settings is refused. The executor is not in it: every executor gives the same bits.
+    Introduced in 08_when_clients_fail.
     """
-    rejected, norms = {}, {}
-    for r in (r for r in results if r.status == "ok"):
-        reason = check_update(r.weights, global_w)
-        if reason is None:
-            norms[r.cid] = float(np.linalg.norm(r.weights.astype(np.float64) - global_w.double().numpy()))
-        else:
-            rejected[r.cid] = reason
-    return {**rejected, **(norm_outliers(norms, max_norm_ratio) if max_norm_ratio is not None else {})}
+    parts = hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in task.partitions))
+    name = lambda f: None if f is None else getattr(f, "__qualname__", type(f).__qualname__)
+    return {"config": asdict(task.config), "client_fraction": task.client_fraction, "seed": task.seed,
+            "partitions": parts.hexdigest(), "train_samples": len(task.train[1]), "strategy": strategy.name,
+            "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
+            "policy": {"name": type(policy).__name__, **asdict(policy)},
+            "transform": name(transform), "aggregate": name(aggregate)}
+
+
+class Checkpointer:
+    """The engine's checkpoint piece, for any executor: after every round, the weights, the
+    strategy's server state and the history go to `run_dir/checkpoint.pt` atomically, and
+    per-client state (SCAFFOLD's) to a `RoundStore` committed with it; a rerun resumes after
+    the last complete round, once all of the checkpoint is checked. Introduced in 08_when_clients_fail.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / "checkpoint.pt"
+
+    def restore(self, model: nn.Module, strategy: FedAvg, rounds: int, task: FedTask, policy: RoundPolicy,
+                transform: Callable | None, aggregate: Callable) -> list[dict]:
+        """Load the last checkpoint into `model` and `strategy`; return its history ([] if none)."""
+        self.fingerprint = run_fingerprint(task, strategy, policy, transform, aggregate)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)  # a write that a stop cut short
+        state = (load_checkpoint(self.path, self.fingerprint, strategy, flat_weights(model).numel(), rounds)
+                 if self.path.exists() else None)
+        if hasattr(strategy, "store"):  # per-client state lives beside the checkpoint (none without one)
+            strategy.store = RoundStore(self.run_dir / "client_state")
+            strategy.store.recover(state["round"] if state else 0)
+        if state is not None:  # all checked: now apply it
+            for k, v in state["strategy"].items():
+                setattr(strategy, k, v)
+            set_flat_weights(model, state["weights"])
+        return state["history"] if state else []
+
+    def begin(self, rnd: int, strategy: FedAvg) -> None:
+        """Round `rnd` starts: per-client writes wait in a pending folder until `save`."""
+        if isinstance(getattr(strategy, "store", None), RoundStore):
+            strategy.store.begin(rnd)
+
+    def save(self, model: nn.Module, strategy: FedAvg, history: list[dict]) -> None:
+        """Checkpoint the round just finished, then commit its per-client writes."""
+        save_checkpoint(self.path, {"format": 2, "round": history[-1]["round"], "weights": flat_weights(model),
+                                    "strategy": server_state(strategy), "history": json.dumps(history),
+                                    "fingerprint": json.dumps(self.fingerprint)})
+        if isinstance(getattr(strategy, "store", None), RoundStore):
+            strategy.store.commit()
 
 
 @dataclass
@@ -1676,61 +1735,3 @@ class Resilient(RoundPolicy):
 
     def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
         return screen_updates(results, global_w, self.max_norm_ratio)
-
-
-def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transform: Callable | None,
-                    aggregate: Callable) -> dict:
-    """Everything that decides a run's bits, as plain values: a checkpoint made with other
-    settings is refused. The executor is not in it: every executor gives the same bits.
-    Introduced in 08_when_clients_fail.
-    """
-    parts = hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in task.partitions))
-    name = lambda f: None if f is None else getattr(f, "__qualname__", type(f).__qualname__)
-    return {"config": asdict(task.config), "client_fraction": task.client_fraction, "seed": task.seed,
-            "partitions": parts.hexdigest(), "train_samples": len(task.train[1]), "strategy": strategy.name,
-            "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
-            "policy": {"name": type(policy).__name__, **asdict(policy)},
-            "transform": name(transform), "aggregate": name(aggregate)}
-
-
-class Checkpointer:
-    """The engine's checkpoint piece, for any executor: after every round, the weights, the
-    strategy's server state and the history go to `run_dir/checkpoint.pt` atomically, and
-    per-client state (SCAFFOLD's) to a `RoundStore` committed with it; a rerun resumes after
-    the last complete round, once all of the checkpoint is checked. Introduced in 08_when_clients_fail.
-    """
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "checkpoint.pt"
-
-    def restore(self, model: nn.Module, strategy: FedAvg, rounds: int, task: FedTask, policy: RoundPolicy,
-                transform: Callable | None, aggregate: Callable) -> list[dict]:
-        """Load the last checkpoint into `model` and `strategy`; return its history ([] if none)."""
-        self.fingerprint = run_fingerprint(task, strategy, policy, transform, aggregate)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)  # a write that a stop cut short
-        state = (load_checkpoint(self.path, self.fingerprint, strategy, flat_weights(model).numel(), rounds)
-                 if self.path.exists() else None)
-        if hasattr(strategy, "store"):  # per-client state lives beside the checkpoint
-            strategy.store = RoundStore(self.run_dir / "client_state")
-            strategy.store.recover(state["round"] if state else 0)
-        if state is None:
-            return []
-        for k, v in state["strategy"].items():  # all checked: now apply it
-            setattr(strategy, k, v)
-        set_flat_weights(model, state["weights"])
-        return state["history"]
-
-    def begin(self, rnd: int, strategy: FedAvg) -> None:
-        """Round `rnd` starts: per-client writes wait in a pending folder until `save`."""
-        if isinstance(getattr(strategy, "store", None), RoundStore):
-            strategy.store.begin(rnd)
-
-    def save(self, model: nn.Module, strategy: FedAvg, history: list[dict]) -> None:
-        """Checkpoint the round just finished, then commit its per-client writes."""
-        save_checkpoint(self.path, {"format": 2, "round": history[-1]["round"], "weights": flat_weights(model),
-                                    "strategy": server_state(strategy), "history": json.dumps(history),
-                                    "fingerprint": json.dumps(self.fingerprint)})
-        if isinstance(getattr(strategy, "store", None), RoundStore):
-            strategy.store.commit()

@@ -1,12 +1,16 @@
 """fedrun: the course's federated-learning experiments from the terminal.
 
     python -m fedrun run --partition dirichlet --alpha 0.1 --strategy scaffold --rounds 3 --out runs/a
+    python -m fedrun run --executor ray-tasks --deadline 30 --crash 0.2 --nan 0.1 --out runs/faulty
     python -m fedrun compare --out build/compare        # strategies x splits x seeds, resumable
     python -m fedrun run --config exp.toml --rounds 5   # a JSON/TOML file of flags; the command line wins
 
-Same code path as the notebooks: `fed_helpers.load_dataset`, `make_partition`, `make_strategy` and
-`run_federated_pool`. Each run writes history.json (config, per-round history, final accuracy, weights
-sha256, versions), history.csv, accuracy.png and model.pt (the final state_dict) into its folder.
+Same code path as the notebooks: `fed_helpers.load_dataset`, `make_partition`, `make_strategy`, and the
+round engine `run_rounds` (a `FedTask`, an executor, a round policy and a `Checkpointer`). A run's folder
+(--out) holds checkpoint.pt, written after every round, so a stopped run started again with the same
+command resumes where it was and ends with the same bits as an unbroken one; at the end it also holds
+history.json (config, per-round history, final accuracy, weights sha256, versions), history.csv,
+accuracy.png and model.pt (the final state_dict).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +39,6 @@ from tqdm.auto import tqdm
 
 import fed_helpers as fh
 
-NOT_WRITABLE = "The given NumPy array is not writable"  # torch's warning when fed_helpers wraps a Ray array
-
 # ----------------------------------------------------------------------------
 # Flag types: each checks its range, so a bad value fails before any work
 # ----------------------------------------------------------------------------
@@ -44,9 +46,9 @@ NOT_WRITABLE = "The given NumPy array is not writable"  # torch's warning when f
 
 def number(kind: type, low: float, high: float | None = None, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], Any]:
-    """An argparse `type=` parsing an int or float in a range; its `.range` ("a number in (0, 1]")
-    goes into the help text and the error message."""
-    what = "an integer" if kind is int else "a number"
+    """An argparse `type=` parsing an int or float in a range (NaN and +-inf are always refused); its
+    `.range` ("a number in (0, 1]") goes into the help text and the error message."""
+    what = "an integer" if kind is int else "a number" if high is not None else "a finite number"
     rng = (f"{what} {'>' if low_open else '>='} {low:g}" if high is None else
            f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
 
@@ -120,11 +122,11 @@ KNOBS = {  # flag dest: (type with the range fed_helpers checks, meaning)
     "beta": (number(float, 0, low_open=True), "Dirichlet concentration of client sizes: small = very unequal"),
     "min_size": (number(int, 1), "fewest samples a client may hold"),
     "mu": (number(float, 0), "weight of the proximal term pulling clients to the global model"),
-    "server_lr": (number(float, 0), "server learning rate"),
+    "server_lr": (number(float, 0, low_open=True), "server learning rate"),
     "server_momentum": (number(float, 0, 1, high_open=True), "server momentum"),
     "beta1": (number(float, 0, 1, high_open=True), "server first-moment decay"),
     "beta2": (number(float, 0, 1, high_open=True), "server second-moment decay"),
-    "tau": (number(float, 1e-12), "server adaptivity: bounds the per-coordinate step"),
+    "tau": (number(float, 0, low_open=True), "server adaptivity: bounds the per-coordinate step"),
 }
 PARTITION_KNOBS = ("alpha", "classes_per_client", "shards_per_client", "beta", "min_size")
 STRATEGY_KNOBS = ("mu", "server_lr", "server_momentum", "beta1", "beta2", "tau")
@@ -133,6 +135,10 @@ BLURB = {"fedavg": "weighted mean of the client models", "fedprox": "+ proximal 
          "fedavgm": "server momentum", "fedadam": "Adam on the server", "fedyogi": "Yogi on the server",
          "scaffold": "control variates correct client drift"}
 STRATEGY_DEST = {"momentum": "server_momentum"}  # FedAvgM's `momentum` is --server-momentum (--momentum is SGD's)
+EXECUTORS = {"in-process": fh.InProcess, "ray-tasks": fh.RayTasks, "actor-pool": fh.ActorPool}
+FAULT_HELP = {"crash": "raise an error", "kill": "lose their worker process (in-process: crash)",
+              "slow": "are stragglers (see --slow-s)", "nan": "send NaN weights"}
+POLICY_FLAGS = ("deadline", "min_clients", "max_norm_ratio", *fh.FAULTS, "slow_s")
 
 
 def flag(dest: str) -> str:
@@ -173,7 +179,9 @@ class UsageError(Exception):
 
 
 FLAG_OF = {"num_clients": "--clients", "client_fraction": "--fraction", "local_epochs": "--epochs",
-           **{d: flag(d) for d in (*KNOBS, "epochs", "batch_size", "lr", "momentum", "weight_decay", "rounds")}}
+           "min_clients": "--min-clients", "deadline_s": "--deadline", "num_workers": "--workers",
+           **{d: flag(d) for d in (*KNOBS, *POLICY_FLAGS, "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                                   "rounds", "chunk_size", "seed", "model")}}
 
 
 def usage_error(err: ValueError) -> UsageError:
@@ -187,14 +195,16 @@ def usage_error(err: ValueError) -> UsageError:
 # ----------------------------------------------------------------------------
 
 
-def add(p: argparse.ArgumentParser, name: str, kind: Any, default: Any, text: str, **kw: Any) -> None:
-    """One flag whose help ends with its allowed values and "(default: ...)"."""
+def add(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, kind: Any, default: Any, text: str,
+        shown: Any = None, **kw: Any) -> None:
+    """One flag whose help ends with its allowed values and "(default: ...)" (`shown`, if given)."""
     rng = f"one of {', '.join(kw['choices'])}" if "choices" in kw else getattr(kind, "range", "")
-    p.add_argument(name, type=kind, default=default, help=f"{text}{rng and '; '}{rng} (default: {default})", **kw)
+    p.add_argument(name, type=kind, default=default,
+                   help=f"{text}{rng and '; '}{rng} (default: {default if shown is None else shown})", **kw)
 
 
 def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
-    """The flags of `run`; `compare` has the same ones except strategy, partition and seed."""
+    """The flags of `run`; `compare` has the same ones except strategy, partition, seed and restart."""
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of flags (keys with - or _); "
                    "flags on the command line override it (default: none)")
     add(p, "--dataset", str, "fashion_mnist", "dataset", choices=list(fh.DATASETS))
@@ -212,33 +222,63 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
     g = p.add_argument_group("strategy knobs (only for the strategies that take them)")
     for dest in STRATEGY_KNOBS:
         g.add_argument(flag(dest), type=KNOBS[dest][0], help=knob_help("strategy", dest))
-    add(p, "--rounds", number(int, 1), 10, "federated rounds")
+    add(p, "--rounds", number(int, 1), 10, "federated rounds (a rerun with more continues from the checkpoint)")
     add(p, "--epochs", number(int, 1), 1, "local epochs per round")
     add(p, "--batch-size", number(int, 1), 32, "local batch size")
     add(p, "--lr", number(float, 0, low_open=True), 0.05, "client SGD learning rate")
     add(p, "--momentum", number(float, 0, 1, high_open=True), 0.0, "client SGD momentum")
     add(p, "--weight-decay", number(float, 0), 0.0, "client SGD weight decay")
     if not compare:
-        add(p, "--seed", number(int, 0), 0, "seed of the split, the model and client sampling")
+        add(p, "--seed", number(int, 0), 0, "seed of the split, the model, client sampling and faults")
     add(p, "--train-samples", number(int, 1), None, "use a seeded random subset of this many training samples "
         "(None: all)")
-    add(p, "--cpus", number(int, 1), None, "CPUs for Ray, one client trainer each (None: all)")
-    p.add_argument("--no-ray", action="store_true", help="train clients one after another in this process, "
-                   "without Ray: same weights, bit for bit (default: False)")
+    g = p.add_argument_group("round policy (with none of these, a client that fails stops the run; with any of "
+                             "them, as in notebook 08, failed, late and rejected clients are left out of their "
+                             "round, with the reason in the history)")
+    add(g, "--deadline", number(float, 0, low_open=True), None, "seconds a round waits for its clients; the late "
+        "ones are left out (None: no deadline)")
+    add(g, "--min-clients", number(int, 1), None, "fewest usable updates a round needs to change the model, at most "
+        "the clients sampled per round; with fewer the model is kept (None: 1)")
+    add(g, "--max-norm-ratio", number(float, 1), None, "reject an update whose norm ||w_k - w|| is over this many "
+        "times the round's median (None: no norm rule; NaN and wrong-shape updates are always rejected)")
+    for fault in fh.FAULTS:
+        add(g, flag(fault), number(float, 0, 1), 0.0, f"fault injection: share of client-rounds that "
+            f"{FAULT_HELP[fault]}; --crash + --kill + --slow + --nan must be at most 1")
+    add(g, "--slow-s", number(float, 0), None, "seconds a straggler (--slow) naps before it answers (None: it "
+        "never answers, which needs a --deadline)")
+    g = p.add_argument_group("where clients train (every executor gives the same weights, bit for bit)")
+    add(g, "--executor", str, None, "in-process: one client after another in this process, without Ray; "
+        "ray-tasks: one Ray task per client; actor-pool: long-lived Ray actors that keep the data",
+        shown="actor-pool", choices=list(EXECUTORS))
+    g.add_argument("--no-ray", action="store_true", help="same as --executor in-process (default: False)")
+    add(g, "--cpus", number(int, 1), None, "CPUs for Ray (None: all); not for in-process")
+    add(g, "--workers", number(int, 1), None, "actor-pool only: ClientTrainer actors, at most --cpus "
+        "(None: one per Ray CPU)")
+    add(g, "--chunk-size", number(int, 1), None, "actor-pool only: clients per chunk of work handed to an actor "
+        "(None: about 8 chunks per worker and round)")
     add(p, "--data-dir", str, None, "where the datasets are (None: $FED_DATA_DIR, else the course's data/)")
-    add(p, "--out", str, "build/compare" if compare else "build/fedrun", "output folder")
+    if compare:
+        add(p, "--out", str, "build/compare", "output folder: one run folder (with its checkpoint) per strategy, "
+            "split and seed, and the table")
+    else:
+        add(p, "--out", str, "build/fedrun", "the run folder: checkpoint.pt after every round (the same command "
+            "run again resumes from it), then history.json/.csv, accuracy.png, model.pt")
+        p.add_argument("--restart", action="store_true", help="delete the checkpoint in --out and start the run "
+                       "afresh (default: False: resume from it)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `fedrun` parser, and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="fedrun", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
-    run = sub.add_parser("run", help="run one experiment", description="Run one federated experiment.")
+    run = sub.add_parser("run", help="run one experiment (resumable)", description="Run one federated experiment; "
+                         "its folder --out holds a checkpoint, so the same command run again resumes it.")
     add_run_flags(run, compare=False)
     cmp = sub.add_parser("compare", help="strategies x splits x seeds, one Ray session, resumable",
                          description="Run every strategy on every split with every seed; print and write a "
                          "table of final accuracy (mean ± std over seeds). Finished runs with the same "
-                         "config are skipped, so a stopped comparison can be rerun.")
+                         "config are skipped and stopped ones resume from their checkpoint, so a stopped "
+                         "comparison can be rerun.")
     add_run_flags(cmp, compare=True)
     cmp.add_argument("--strategies", nargs="+", type=strategy_spec, metavar="NAME",
                      default=["fedavg", "fedprox", "scaffold", "fedadam"],
@@ -290,8 +330,34 @@ def apply_config(sub: argparse.ArgumentParser, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------
-# One experiment: config -> data, split, strategy -> run_federated_pool -> files
+# One experiment: config -> task, strategy, policy -> run_rounds -> files
 # ----------------------------------------------------------------------------
+
+
+def policy_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The round policy the flags ask for, as plain values: "strict" unless a policy flag is given."""
+    faults = {f: getattr(args, f) for f in fh.FAULTS}
+    if sum(faults.values()) > 1 + 1e-9:
+        given = " + ".join(f"{flag(f)} {v:g}" for f, v in faults.items() if v)
+        raise UsageError(f"argument {', '.join(flag(f) for f in fh.FAULTS)}: the fault rates must add up to at "
+                         f"most 1, got {given} = {sum(faults.values()):g}")
+    if args.slow_s is not None and not faults["slow"]:
+        raise UsageError("argument --slow-s: only stragglers nap; it needs --slow > 0")
+    if faults["slow"] and args.slow_s is None and args.deadline is None:
+        raise UsageError("argument --slow: stragglers that never answer (no --slow-s) need a --deadline")
+    resilient = any(getattr(args, d) not in (None, 0.0) for d in POLICY_FLAGS)
+    return {"name": "resilient" if resilient else "strict", "deadline_s": args.deadline,
+            "min_clients": args.min_clients or 1, "max_norm_ratio": args.max_norm_ratio, "faults": faults,
+            "slow_s": args.slow_s}
+
+
+def make_policy(p: dict[str, Any]) -> fh.RoundPolicy:
+    """The engine's round policy for `policy_config`'s values."""
+    if p["name"] == "strict":
+        return fh.RoundPolicy(min_clients=p["min_clients"])
+    return fh.Resilient(deadline_s=p["deadline_s"], min_clients=p["min_clients"], max_norm_ratio=p["max_norm_ratio"],
+                        faults={f: r for f, r in p["faults"].items() if r > 0},
+                        slow_s=math.inf if p["slow_s"] is None else p["slow_s"])
 
 
 def experiment_config(args: argparse.Namespace, partition: str, strategy: str, seed: int,
@@ -306,7 +372,32 @@ def experiment_config(args: argparse.Namespace, partition: str, strategy: str, s
             "clients": args.clients, "fraction": args.fraction, "strategy": name,
             "strategy_knobs": sknobs, "rounds": args.rounds,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
-            "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples}
+            "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples,
+            "policy": policy_config(args)}
+
+
+def runtime_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Where and how the clients train (not part of the result: every executor gives the same bits)."""
+    if args.no_ray and args.executor not in (None, "in-process"):
+        raise UsageError(f"argument --no-ray: not allowed with --executor {args.executor}")
+    executor = "in-process" if args.no_ray else args.executor or "actor-pool"
+    for dest, who in (("cpus", ("ray-tasks", "actor-pool")), ("workers", ("actor-pool",)),
+                      ("chunk_size", ("actor-pool",))):
+        if getattr(args, dest) is not None and executor not in who:
+            raise UsageError(f"argument {flag(dest)}: the {executor} executor does not take it (only "
+                             f"{' and '.join(who)})")
+    if args.workers is not None and args.cpus is not None and args.workers > args.cpus:
+        raise UsageError(f"argument --workers: must be an integer in [1, {args.cpus}] (one CPU each, --cpus "
+                         f"{args.cpus}), got {args.workers}")
+    return {"executor": executor, "cpus": args.cpus, "workers": args.workers, "chunk_size": args.chunk_size,
+            "command": ["fedrun", *argv], "data_dir": args.data_dir}
+
+
+def make_executor(runtime: dict[str, Any]):
+    """A new executor as `runtime` asks."""
+    if runtime["executor"] == "actor-pool":
+        return fh.ActorPool(num_workers=runtime["workers"], chunk_size=runtime["chunk_size"])
+    return EXECUTORS[runtime["executor"]]()
 
 
 def load_data(dataset: str, data_dir: str | None) -> tuple[tuple, tuple]:
@@ -328,17 +419,43 @@ def subset(cfg: dict, data: tuple[tuple, tuple]) -> tuple[tuple, tuple]:
     return train, test
 
 
-def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[list[np.ndarray], fh.FedAvg]:
-    """The client split and the strategy, or UsageError naming the flag: all before any training."""
+def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg, fh.RoundPolicy]:
+    """The engine's task, strategy and round policy, or UsageError naming the flag: all before any training."""
     try:
         parts = fh.make_partition(cfg["partition"], data[0][1].numpy(), cfg["clients"], seed=cfg["seed"],
                                   **cfg["partition_knobs"])
         strategy = fh.make_strategy(cfg["strategy"], cfg["clients"], **cfg["strategy_knobs"])
-        fh.check_round_knobs(cfg["rounds"], cfg["fraction"], parts, cfg["epochs"], cfg["batch_size"], cfg["lr"],
-                             cfg["momentum"], cfg["weight_decay"])
+        config = fh.TrainConfig(cfg["model"], cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"],
+                                cfg["weight_decay"])
+        task = fh.FedTask(*data, parts, config, cfg["fraction"], cfg["seed"])
+        policy = make_policy(cfg["policy"])
     except ValueError as err:
         raise usage_error(err) from None
-    return parts, strategy
+    sampled = max(1, round(cfg["fraction"] * cfg["clients"]))
+    if policy.min_clients > sampled:
+        raise UsageError(f"argument --min-clients: must be an integer in [1, {sampled}] (the clients sampled per "
+                         f"round: --fraction {cfg['fraction']:g} of --clients {cfg['clients']}), got "
+                         f"{policy.min_clients}")
+    return task, strategy, policy
+
+
+def checkpointed_rounds(out: Path, cfg: dict, prepared: tuple) -> int:
+    """How many rounds the checkpoint in `out` holds (0: none), once all of it is checked against this
+    run's settings (ValueError if it belongs to another run): nothing is changed."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    task, strategy, policy = prepared
+    fingerprint = fh.run_fingerprint(task, strategy, policy, None, fh.weighted_mean)
+    num_params = fh.flat_weights(fh.make_model(cfg["model"])).numel()
+    return fh.load_checkpoint(path, fingerprint, strategy, num_params, cfg["rounds"])["round"]
+
+
+def forget_checkpoint(out: Path) -> None:
+    """Delete the checkpoint (and SCAFFOLD's per-client state) in `out`: the run starts afresh."""
+    for name in ("checkpoint.pt", "checkpoint.pt.tmp"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "client_state", ignore_errors=True)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -349,34 +466,50 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_one(cfg: dict, data: tuple[tuple, tuple], prepared: tuple, out: Path, runtime: dict,
-            progress: bool = True, verbose: bool = True) -> dict:
-    """Train one experiment with `run_federated_pool` and write its files into `out`."""
-    parts, strategy = prepared
-    use_ray, cpus = runtime["use_ray"], runtime["cpus"]
+def round_line(h: dict, rounds: int) -> str:
+    """One line per round: test accuracy and loss, training loss, drift, clients used, what was left out."""
+    shown = lambda v: "-" if v is None else f"{v:.4f}"
+    out = [f"round {h['round']:>3}/{rounds}", f"accuracy {h['accuracy']:.4f}", f"loss {h['loss']:.4f}",
+           f"train_loss {shown(h['train_loss'])}", f"drift {shown(h['drift'])}",
+           f"clients {h['clients']}/{len(h['sampled'])}"]
+    out += [f"{k} {len(h[k])}" for k in ("failed", "late", "rejected") if h[k]]
+    out += [] if h["aggregated"] else ["model kept"]
+    return "  ".join([*out, f"{h['seconds']:.1f} s"])
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    """history.csv: one row per round; lists and dicts (which clients) as JSON, None as empty."""
+    cell = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else "" if v is None else v
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(history[0]))
+        writer.writerows([[cell(v) for v in h.values()] for h in history])
+
+
+def run_one(cfg: dict, prepared: tuple, out: Path, runtime: dict, progress: bool = True,
+            verbose: bool = True) -> dict:
+    """Train (or resume) one experiment with `run_rounds`, checkpointed in `out`, and write its files there."""
+    task, strategy, policy = prepared
+    done = checkpointed_rounds(out, cfg, prepared)
+    if verbose and done:
+        tqdm.write(f"resuming from {out}/checkpoint.pt: {done} of {cfg['rounds']} rounds done")
 
     def on_round(history: list[dict]) -> None:  # one line per round, printed above the progress bar
-        h = history[-1]
         if verbose:
-            tqdm.write(f"round {h['round']:>3}/{cfg['rounds']}  accuracy {h['accuracy']:.4f}  loss {h['loss']:.4f}"
-                       f"  train_loss {h['train_loss']:.4f}  drift {h['drift']:.4f}  {h['seconds']:.1f} s")
+            tqdm.write(round_line(history[-1], cfg["rounds"]))
 
     start = time.perf_counter()
-    model, history = fh.run_federated_pool(
-        cfg["model"], *data, parts, cfg["rounds"], cfg["fraction"], cfg["epochs"], cfg["batch_size"], cfg["lr"],
-        cfg["seed"], num_workers=cpus if use_ray else None, use_ray=use_ray, on_round=on_round,
-        progress=progress, strategy=strategy, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    model, history = fh.run_rounds(task, cfg["rounds"], strategy, make_executor(runtime), policy,
+                                   checkpoint=fh.Checkpointer(out), callbacks=[on_round], progress=progress)
     best = max(history, key=lambda h: h["accuracy"])
     record = {"config": cfg, "history": history, "final_accuracy": history[-1]["accuracy"],
               "final_loss": history[-1]["loss"], "best_accuracy": best["accuracy"], "best_round": best["round"],
-              "weights_sha256": weights_sha256(model), "seconds": time.perf_counter() - start, "runtime": runtime,
+              "weights_sha256": weights_sha256(model), "resumed_after": done,
+              "seconds": time.perf_counter() - start, "runtime": runtime,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "numpy": np.__version__, "ray": ray.__version__}}
-    out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")
-    with open(out / "history.csv", "w", newline="") as f:
-        csv.DictWriter(f, fieldnames=list(history[0])).writeheader()
-        csv.writer(f).writerows([list(h.values()) for h in history])
+    write_csv(out / "history.csv", history)
     label = ", ".join([cfg["strategy"], cfg["partition"], *(f"{k}={v}" for k, v in cfg["partition_knobs"].items())])
     fig = fh.plot_history({label: history})
     fig.savefig(out / "accuracy.png", dpi=100)
@@ -393,7 +526,7 @@ def run_one(cfg: dict, data: tuple[tuple, tuple], prepared: tuple, out: Path, ru
 
 
 def plan_compare(args: argparse.Namespace) -> list[tuple[tuple, dict, tuple]]:
-    """Every run of the grid as ((split, strategy, seed), config, data), each checked before any training."""
+    """Every run of the grid as ((split, strategy, seed), config, prepared), each checked before any training."""
     names_of = {"partition": [s.partition(":")[0] for s in args.splits],
                 "strategy": [s.partition(":")[0] for s in args.strategies]}
     for kind, names in names_of.items():
@@ -405,15 +538,15 @@ def plan_compare(args: argparse.Namespace) -> list[tuple[tuple, dict, tuple]]:
         cfg = experiment_config(args, key[0].partition(":")[0], key[1], key[2], key[0], strict=False)
         if cfg["seed"] not in data:  # one training subset per seed, shared by its runs
             data[cfg["seed"]] = subset(cfg, full)
-        prepare(cfg, data[cfg["seed"]])
-        plan.append((key, cfg, data[cfg["seed"]]))
+        plan.append((key, cfg, prepare(cfg, data[cfg["seed"]])))
     return plan
 
 
 def compare(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], runtime: dict) -> None:
-    """Run (or skip, if done with the same config) every run of the plan, then write the table."""
+    """Run every run of the plan (skip it if done with the same config; resume it from its checkpoint if
+    stopped; start it afresh if its checkpoint is from other settings), then write the table."""
     out, records = Path(args.out), {}
-    for (split, strategy, seed), cfg, data in tqdm(plan, desc="runs", unit="run"):
+    for (split, strategy, seed), cfg, prepared in tqdm(plan, desc="runs", unit="run"):
         folder = out / split.replace(":", "-") / strategy.replace(":", "-").replace(",", "_") / f"seed{seed}"
         name = f"{split} {strategy} seed{seed}"
         old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
@@ -421,9 +554,15 @@ def compare(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], run
             tqdm.write(f"skip {name}: {folder}/history.json exists with the same config")
             records[split, strategy, seed] = old
             continue
-        rec = run_one(cfg, data, prepare(cfg, data), folder, runtime, progress=False, verbose=False)
+        try:
+            checkpointed_rounds(folder, cfg, prepared)
+        except ValueError as err:
+            tqdm.write(f"restart {name}: {err}")
+            forget_checkpoint(folder)
+        rec = run_one(cfg, prepared, folder, runtime, progress=False, verbose=False)
         tqdm.write(f"done {name}: final accuracy {rec['final_accuracy']:.4f}, best {rec['best_accuracy']:.4f}, "
-                   f"{rec['seconds']:.1f} s")
+                   f"{rec['seconds']:.1f} s" + (f" (resumed after round {rec['resumed_after']})"
+                                                if rec["resumed_after"] else ""))
         records[split, strategy, seed] = rec
     write_table(args, records, out)
 
@@ -472,23 +611,16 @@ def write_table(args: argparse.Namespace, records: dict[tuple, dict], out: Path)
 
 def start_ray(cpus: int | None) -> bool:
     """`fh.init_ray(cpus)`; True if this call started Ray. Without RAY_ADDRESS, ray.init() would join the
-    latest cluster started on this machine (/tmp/ray/ray_current_cluster), maybe someone else's: start a
-    local one instead. Ray's workers inherit PYTHONWARNINGS, which quiets NOT_WRITABLE there too."""
+    latest cluster started on this machine (/tmp/ray/ray_current_cluster), maybe someone else's: `init_ray`
+    starts a local one instead."""
     if ray.is_initialized():
         return False
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PYTHONWARNINGS")}
-    os.environ["RAY_ADDRESS"] = saved["RAY_ADDRESS"] or "local"
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"], f"ignore:{NOT_WRITABLE}"]))
-    try:
-        fh.init_ray(cpus)
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.update({key: value})
+    fh.init_ray(cpus)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line (and --config), run, return the exit status."""
+    """Parse the command line (and --config), check everything, run, return the exit status."""
     matplotlib.use("Agg")
     parser, subs = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -496,22 +628,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         apply_config(subs[args.command], args.config)
         args = parser.parse_args(argv)
-    use_ray = not args.no_ray
-    runtime = {"use_ray": use_ray, "cpus": args.cpus, "command": ["fedrun", *argv], "data_dir": args.data_dir}
     started_ray = False
-    try:  # check everything (flags, data, split, strategy), then start Ray once, then train
+    try:  # check everything (flags, data, split, strategy, policy, checkpoint), then start Ray once, then train
+        runtime = runtime_config(args, argv)
         if args.command == "run":
+            out = Path(args.out)
             cfg = experiment_config(args, args.partition, args.strategy, args.seed)
-            data = subset(cfg, load_data(args.dataset, args.data_dir))
-            prepared = prepare(cfg, data)
+            prepared = prepare(cfg, subset(cfg, load_data(args.dataset, args.data_dir)))
+            if not args.restart:
+                try:
+                    checkpointed_rounds(out, cfg, prepared)
+                except ValueError as err:
+                    raise UsageError(f"argument --out: {str(err).replace('run_dir', '--out')}; or --restart "
+                                     "to start this run afresh") from None
         else:
             plan = plan_compare(args)
-        warnings.filterwarnings("ignore", NOT_WRITABLE)  # harmless: fed_helpers wraps Ray's read-only arrays
-        started_ray = use_ray and start_ray(args.cpus)
+        started_ray = runtime["executor"] != "in-process" and start_ray(args.cpus)
         if args.command == "compare":
             compare(args, plan, runtime)
             return 0
-        rec = run_one(cfg, data, prepared, Path(args.out), runtime)
+        if args.restart:
+            forget_checkpoint(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rec = run_one(cfg, prepared, out, runtime)
         print(f"final accuracy {rec['final_accuracy']:.4f} (best {rec['best_accuracy']:.4f} in round "
               f"{rec['best_round']}), weights sha256 {rec['weights_sha256'][:12]}, {rec['seconds']:.1f} s; "
               f"wrote {args.out}/history.json, history.csv, accuracy.png, model.pt")
@@ -520,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     except FileNotFoundError as err:  # a dataset that is not on this machine and cannot be downloaded
         parser.exit(1, f"fedrun: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "fedrun: stopped; run the same command again to resume from the last checkpoint\n")
     finally:
         if started_ray:
             ray.shutdown()

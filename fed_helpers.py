@@ -1268,11 +1268,10 @@ class ClientStateStore:
 
 
 class Scaffold(FedAvg):
-    """Karimireddy et al. (2020), option II. Server control variate c, one c_i per client (zero
-    until the client first trains, kept in a `ClientStateStore`). Client: every gradient gets
-    + (c - c_i), cancelling its drift. After K local steps with rate lr: c_i+ = c_i - c +
-    (w_global - w_client) / (K * lr), and c += sum of (c_i+ - c_i) / num_clients. Server:
-    w += server_lr * (avg - w). Introduced in 06_client_drift.
+    """Karimireddy et al. (2020), option II, with the model's sample weights. Server control variate c, one
+    c_i per client (zero until it trains; in a `ClientStateStore`). Client: gradients get + (c - c_i); after
+    K steps of rate lr, c_i+ = c_i - c + (w_global - w_client) / (K * lr). Server: c += (sampled / num_clients)
+    x the sample-weighted mean of c_i+ - c_i, and w += server_lr * (avg - w). Introduced in 06_client_drift.
     """
 
     name = "scaffold"
@@ -1280,35 +1279,33 @@ class Scaffold(FedAvg):
     def __init__(self, num_clients: int, server_lr: float = 1.0, state_dir: str | Path | None = None):
         if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
             raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-        self.num_clients = int(num_clients)
+        self.num_clients, self.state_dir = int(num_clients), state_dir
         self.server_lr = _check_knob("server_lr", server_lr, 0, math.inf, low_open=True)
-        self.state_dir, self.store = state_dir, ClientStateStore(state_dir)
-        self.c: torch.Tensor | None = None  # float64, created at the first round
-        self.dc_sum: torch.Tensor | None = None  # sum of this round's c_i+ - c_i
+        self.reset()
 
-    def reset(self) -> None:  # the server forgets c, and the store every c_i
-        super().reset()
-        self.store = ClientStateStore(self.state_dir).clear()
+    def reset(self) -> None:  # forget c, this round's sum of n_i (c_i+ - c_i) and (clients, samples), every c_i
+        self.c, self.dc_sum, self.seen, self.store = None, None, [0, 0], ClientStateStore(self.state_dir).clear()
 
     def _c_i(self, cid: int) -> torch.Tensor:
         return torch.from_numpy(self.store.get(cid, np.zeros(len(self.c), np.float32))).double()
 
     def payload(self, cid: int, global_w: torch.Tensor) -> tuple:
-        if self.c is None:
-            self.c = torch.zeros(len(global_w), dtype=torch.float64)
+        self.c = torch.zeros(len(global_w), dtype=torch.float64) if self.c is None else self.c
         return (correction_hook, (self.c - self._c_i(cid)).to(torch.float32).numpy())
 
-    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
+    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float,
+                num_samples: int = 1) -> None:
         c_i = self._c_i(cid)
         c_new = c_i - self.c + (global_w.double() - client_w.double()) / (steps * lr)
         self.store.put(cid, c_new.to(torch.float32).numpy())
-        self.dc_sum = (c_new - c_i) if self.dc_sum is None else self.dc_sum + (c_new - c_i)
+        self.dc_sum = (c_new - c_i) * num_samples + (0 if self.dc_sum is None else self.dc_sum)
+        self.seen = [self.seen[0] + 1, self.seen[1] + num_samples]
 
     def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
         if self.dc_sum is not None:
-            self.c, self.dc_sum = self.c + self.dc_sum / self.num_clients, None
-        # = w + server_lr * (avg - w), written so that server_lr 1 returns the mean's own bits
-        return (avg + (self.server_lr - 1) * (avg - global_w.double())).to(torch.float32)
+            (clients, samples), self.seen = self.seen, [0, 0]
+            self.c, self.dc_sum = self.c + self.dc_sum * (clients / (self.num_clients * samples)), None
+        return (avg + (self.server_lr - 1) * (avg - global_w.double())).to(torch.float32)  # lr 1: avg's bits
 
 
 STRATEGIES = {s.name: s for s in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold)}
@@ -1355,42 +1352,67 @@ class ClientTrainer:
         return ray.get_runtime_context().get_node_id()
 
 
-def run_chunks(workers: list, args: tuple, chunks: list[list[ClientJob]], w_ref, cfg: TrainConfig
-               ) -> list[ClientResult]:
-    """Hand `chunks` of jobs to the `workers` (actors), two queued per worker and the next to
-    whichever finishes first, until the jobs' deadline; an actor that dies is replaced in
-    `workers` by a fresh one made from `args`. Results in client-id order. Introduced in 07_scaling_with_ray.
+def wait_started(workers: list, pings: list, at_least: int, timeout_s: float) -> list[int]:
+    """The positions of the `workers` (actors) that have started, i.e. whose `pings` (one `node_id`
+    call each) have answered, once `at_least` have. An actor that cannot start (its CPU held by
+    others) must not leave us waiting forever: if fewer have after `timeout_s` seconds, all are
+    killed and RuntimeError says why. Introduced in 07_scaling_with_ray.
     """
-    todo, owner = chunks[::-1], {}  # popped from the end: in order
+    ray.wait(pings, num_returns=at_least, timeout=timeout_s)
+    done = set(ray.wait(pings, num_returns=len(pings), timeout=0)[0])
+    if len(done) < at_least:
+        free = ray.available_resources()
+        for worker in workers:
+            ray.kill(worker)
+        raise RuntimeError(
+            f"only {len(done)} of num_workers={len(workers)} ClientTrainer actors started within start_timeout_s="
+            f"{timeout_s} s; Ray's free resources: {free}. Actors left by an earlier cell may hold the CPUs: "
+            "ray.kill them, restart the kernel, or pass a smaller num_workers.")
+    return [i for i, ping in enumerate(pings) if ping in done]
+
+
+def run_chunks(pool: "ActorPool", chunks: list[list[ClientJob]], w_ref, cfg: TrainConfig) -> list[ClientResult]:
+    """Hand `chunks` of jobs to the `pool`'s started actors, two queued per actor and the next to
+    whichever finishes first, until the jobs' deadline. An actor that dies fails the chunks it
+    holds, and a fresh one takes its place in the pool; it gets chunks this round only if no other
+    actor is left (it is slow to start, and never starts if its node is gone). Results in client-id
+    order. Introduced in 07_scaling_with_ray.
+    """
+    up = wait_started(pool.workers, pool.pings, 1, pool.start_timeout_s)  # one still starting sits out
+    todo, owner, busy = chunks[::-1], {}, set(up)  # chunks are popped from the end: in order
 
     def submit(i: int) -> dict:
-        if not todo:
+        if not todo or i not in busy:
             return {}
         chunk = todo.pop()
-        ref = workers[i].train.remote(w_ref, chunk, cfg)
-        owner[ref] = (i, workers[i])
+        ref = pool.workers[i].train.remote(w_ref, chunk, cfg)
+        owner[ref] = (i, pool.workers[i])
         return {ref: chunk}
 
     def on_done(ref, error) -> dict:
         i, worker = owner.pop(ref)
-        if isinstance(error, ray.exceptions.RayActorError) and workers[i] is worker:
-            workers[i] = ClientTrainer.remote(*args)  # the actor died: a fresh one takes its place
+        if isinstance(error, ray.exceptions.RayActorError) and pool.workers[i] is worker:  # it died
+            ray.kill(worker)  # (one that only lost touch must not come back holding a CPU)
+            pool.workers[i] = ClientTrainer.remote(*pool.args)
+            pool.pings[i] = pool.workers[i].node_id.remote()
+            if len(busy) > 1:  # the others carry on; the fresh one joins in a later round
+                busy.discard(i)
         return submit(i)
 
     pending = {}
-    for i in list(range(len(workers))) * 2:  # two chunks queued per worker, so none waits for the driver
+    for i in up * 2:  # two chunks queued per actor, so none waits for the driver
         pending.update(submit(i))
-    results = gather(pending, chunks[0][0].give_up_at if chunks else None, on_done)
+    give_up_at = chunks[0][0].give_up_at if chunks else None
+    results = gather(pending, give_up_at, on_done)
     never_sent = [ClientResult(j.cid, status="late", error="no answer by the deadline") for c in todo for j in c]
     return sorted(results + never_sent, key=lambda r: r.cid)
 
 
 class ActorPool:
-    """Executor: `num_workers` long-lived `ClientTrainer` actors (default: one per CPU of the
-    cluster) that keep the data; each round the weights are put once and the jobs go out in
-    chunks of `chunk_size` (default: about 8 chunks per worker), two queued per worker, the next
-    one to whichever worker finishes first. An actor that dies loses the chunks it holds and is
-    replaced by a fresh one. Introduced in 07_scaling_with_ray.
+    """Executor: `num_workers` long-lived `ClientTrainer` actors (default: one per CPU) that keep
+    the data; each round the weights are put once and the jobs go out in chunks of `chunk_size`
+    (default: about 8 per worker), two queued per worker, the next to whichever finishes first.
+    A dead actor's chunks fail, and a fresh actor takes its place. Introduced in 07_scaling_with_ray.
     """
 
     name = "actor-pool"
@@ -1400,30 +1422,24 @@ class ActorPool:
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{knob} must be an integer >= 1 or None (automatic), got {value!r}")
         self.start_timeout_s = _check_knob("start_timeout_s", start_timeout_s, 0, math.inf, low_open=True)
-        self.num_workers, self.chunk_size, self.workers = num_workers, chunk_size, []
+        self.num_workers, self.chunk_size, self.workers, self.pings = num_workers, chunk_size, [], []
 
     def start(self, x_all: np.ndarray, y_all: np.ndarray, cfg: TrainConfig, client: Callable) -> None:
         init_ray()
         n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.args = (ray.put(x_all), ray.put(y_all), cfg.model, client)  # kept: a replacement actor needs them
         self.workers = [ClientTrainer.remote(*self.args) for _ in range(n)]
-        ready, _ = ray.wait([w.node_id.remote() for w in self.workers], num_returns=n, timeout=self.start_timeout_s)
-        if len(ready) < n:  # an actor that cannot start (its CPU held by others) would leave us waiting forever
-            self.stop()
-            raise RuntimeError(
-                f"only {len(ready)} of num_workers={n} ClientTrainer actors started within start_timeout_s="
-                f"{self.start_timeout_s} s; Ray's free resources: {ray.available_resources()}. Actors left by an "
-                "earlier cell may hold the CPUs: ray.kill them, restart the kernel, or pass a smaller num_workers.")
+        self.pings = [w.node_id.remote() for w in self.workers]  # each answers once its actor has started
+        wait_started(self.workers, self.pings, n, self.start_timeout_s)
 
     def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
         size = self.chunk_size or max(1, len(jobs) // (8 * len(self.workers)))  # ~8 chunks per worker: balanced
-        return run_chunks(self.workers, self.args, [jobs[i : i + size] for i in range(0, len(jobs), size)],
-                          ray.put(weights), cfg)
+        return run_chunks(self, [jobs[i : i + size] for i in range(0, len(jobs), size)], ray.put(weights), cfg)
 
     def stop(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
-        self.workers, self.args = [], None
+        self.workers, self.pings, self.args = [], [], None
 
 
 # ----------------------------------------------------------------------------

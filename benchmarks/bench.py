@@ -1,18 +1,32 @@
-"""Benchmark `fed_helpers.run_federated_pool`: the Ray actor pool against the compute floor.
+"""Benchmark the round engine (`fed_helpers.run_rounds`): the actor pool against the compute floor and Ray tasks.
 
-    python benchmarks/bench.py                   # full run, a few minutes on a 2-core machine
-    python benchmarks/bench.py --quick           # tiny smoke run (synthetic data, one process)
-    python benchmarks/bench.py --out FILE.json   # where the JSON goes (default benchmarks/results.json)
+    python benchmarks/bench.py                   # full run, about 10 minutes on a 2-core machine
+    python benchmarks/bench.py --quick           # ~1-minute smoke run (synthetic data, one process)
+    python benchmarks/bench.py --w1-only --repeats 2   # a short W1-only run while developing
+    python benchmarks/bench.py --out FILE.json   # where the JSON goes (default benchmarks/results.json for
+                                                 # the full run, build/bench-quick.json for any other)
+
+Engines (every one trains each client with `train_local` on one PyTorch thread, with the seeds of
+`client_seed` and the clients of `sample_clients`, and averages in float64 in client-id order, so
+all give the same bits):
+
+- floor: the engine with `InProcess()`, every client one after another in this process;
+- min-tasks: a minimal Ray-tasks loop written here, NOT the engine: one `@ray.remote` task per
+  client per round, the data put once, the weights once per round (`minimal_rounds`);
+- pool: the engine with `ActorPool(num_workers=2)`, long-lived `ClientTrainer` actors;
+- tasks: the engine with `RayTasks()`, one task per client through the engine (for reference).
 
 Workloads (all figures come from this one run):
 
 - W1, the classroom run: Fashion-MNIST, 10 IID clients, 2NN, every client every round,
-  1 local epoch, batch 32, lr 0.05, 5 rounds, seed 0. Engines: the compute floor
-  (`use_ray=False`: the same code, sequentially in this process) and Ray with 2 workers.
+  1 local epoch, batch 32, lr 0.05, 5 rounds, seed 0, on every engine. The engines are
+  interleaved (floor, min-tasks, pool, tasks, floor, min-tasks, ...; `--repeats` times), and
+  the pool is compared with the others by the median of the PAIRED ratios (repeat i against
+  repeat i), with their min and max: the machine's noise moves neighbouring runs together.
 - W2, scale: Fashion-MNIST split Dirichlet(0.5, min 2 samples) over K = 100, 1,000 and
-  10,000 clients, 100 clients sampled per round, batch 10, 3 rounds; both engines per K.
+  10,000 clients, 100 clients sampled per round, batch 10, 3 rounds; floor and pool per K.
 
-Each (workload, engine, K) configuration runs in a fresh subprocess of this script
+Each (workload, engine, K, repeat) configuration runs in a fresh subprocess of this script
 (`--one ...`), so its peak memory is its own and not what earlier runs left behind. Ray
 is started before the timed call and its start-up time is reported separately. Peak
 memory is the largest sum over the process tree (this process and all its descendants,
@@ -22,7 +36,9 @@ processes that map them) is recorded too, for reference. A background thread sam
 RSS every 0.1 s, and USS and PSS, which are expensive to read, when RSS reaches new
 highs and at least every 5 s (see TreeMonitor). It also measures how many CPU cores
 other processes on the machine used meanwhile: timings are only comparable on a quiet
-machine. MB = 2**20 bytes throughout.
+machine. After every round the CPU time of each process of the tree is read, so the
+report says where a round's CPU went (workers, the driver's main thread, the driver's
+other threads, Ray's daemons, the memory sampler). MB = 2**20 bytes throughout.
 """
 
 from __future__ import annotations
@@ -50,16 +66,24 @@ import fed_helpers as fh
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
+QUICK_OUT = ROOT / "build" / "bench-quick.json"  # a smoke run never overwrites the committed results
 MB = 2**20
 NUM_WORKERS = 2
+ENGINES = {  # name -> what it is (the order is the interleaving order and the columns' order)
+    "floor": "InProcess(): the engine, every client in this process",
+    "minimal": "a minimal Ray-tasks loop in bench.py (not the engine): a task per client per round",
+    "pool": f"ActorPool(num_workers={NUM_WORKERS}): the engine on long-lived ClientTrainer actors",
+    "tasks": "RayTasks(): the engine, a Ray task per client per round",
+}
+LABEL = {"floor": "floor", "minimal": "min-tasks", "pool": "pool", "tasks": "tasks"}
+W2_ENGINES = ("floor", "pool")
+RAY_ENGINES = ("minimal", "pool", "tasks")
 
-TARGETS = {  # the numbers the Ray engine is held to
-    "w1_per_round_ratio": 0.55,  # Ray per-round seconds / floor per-round seconds
-    "w1_total_ratio": 1.5,  # Ray total seconds / floor total seconds
-    "w1_first_update_s": 10.0,  # seconds from engine start to the first client update
-    "w2_overhead_ms": 2.0,  # (Ray round - floor round) per sampled client
-    "w2_memory_flat": 0.10,  # Ray peak memory: relative change between the two largest K
-    "w2_memory_mb": 3 * 1024,  # Ray peak memory (total, and private) below 3 GB
+TARGETS = {  # the numbers the actor pool is held to (issue 10)
+    "w1_pool_vs_minimal": 0.9,  # pool / min-tasks per-round seconds, median of the paired ratios
+    "w1_pool_vs_floor": 0.6,  # pool / floor per-round seconds, median of the paired ratios
+    "w2_overhead_ms": 2.0,  # (pool round - floor round) per sampled client
+    "w2_memory_flat": 0.10,  # pool peak memory: relative change between the two largest K
 }
 
 
@@ -82,11 +106,13 @@ def workloads(quick: bool) -> dict:
     return {"W1": w1, "W2": w2}
 
 
-def configurations(quick: bool) -> list[tuple[str, str, int]]:
-    """(workload, engine, clients) for every run, in the order they are reported."""
+def configurations(quick: bool, engines: list[str], repeats: int, w2_repeats: int,
+                   w1_only: bool = False) -> list[tuple[str, str, int, int]]:
+    """(workload, engine, clients, repeat) for every run, interleaved: A B C A B C ..."""
     spec = workloads(quick)
-    runs = [("W1", engine, spec["W1"]["clients"]) for engine in ("floor", "ray")]
-    runs += [("W2", engine, k) for k in spec["W2"]["sizes"] for engine in ("floor", "ray")]
+    runs = [("W1", e, spec["W1"]["clients"], rep) for rep in range(repeats) for e in engines]
+    if not w1_only:
+        runs += [("W2", e, k, rep) for k in spec["W2"]["sizes"] for rep in range(w2_repeats) for e in W2_ENGINES]
     return runs
 
 
@@ -130,6 +156,7 @@ class TreeMonitor:
         self.cpu_first: dict[int, float] = {}  # per pid: CPU seconds when first seen (0 if born during the run)
         self.cpu_last: dict[int, float] = {}  # per pid: CPU seconds when last seen
         self._started = False
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
@@ -153,8 +180,9 @@ class TreeMonitor:
             proportional += info.pss if uss else 0
             count += 1
             used = cpu.user + cpu.system
-            self.cpu_first.setdefault(proc.pid, used if not self._started else 0.0)
-            self.cpu_last[proc.pid] = used
+            with self._lock:
+                self.cpu_first.setdefault(proc.pid, used if not self._started else 0.0)
+                self.cpu_last[proc.pid] = used
         self.last_rss = rss
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, count)
@@ -196,6 +224,141 @@ class TreeMonitor:
         self.other_cores = max(0.0, machine - self.tree_cpu_s) / self.wall_s
 
 
+CPU_GROUPS = ("workers", "driver main", "driver other", "ray daemons", "sampler")
+
+
+def process_group(proc: psutil.Process, root_pid: int) -> str:
+    """Which part of the run a process of the tree is: the driver, a Ray worker, or a Ray daemon."""
+    if proc.pid == root_pid:
+        return "driver"
+    name = proc.name()
+    if name.startswith("ray::") and not name.endswith("Agent"):  # ray::ClientTrainer, ray::IDLE, ray::<task>
+        return "workers"
+    return "ray daemons"  # gcs_server, raylet, dashboard, log monitor, the agents
+
+
+class RoundCPU:
+    """CPU seconds per part of the process tree, read at the start and after every round
+    (on the driver's main thread, outside the round's own timing): `per_round()` is the
+    mean CPU a round took, per part, over rounds 2.. (round 1 pays the start-up)."""
+
+    def __init__(self, monitor: TreeMonitor):
+        self.monitor, self.root = monitor, psutil.Process()
+        self.groups: dict[int, str] = {}
+        self.snaps: list[dict[str, float]] = []
+
+    def snap(self, *_ignored) -> None:
+        used = dict.fromkeys(CPU_GROUPS, 0.0)
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            procs = [self.root]
+        for proc in procs:
+            try:
+                if proc.pid not in self.groups:
+                    self.groups[proc.pid] = process_group(proc, self.root.pid)
+                group = self.groups[proc.pid]
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            used["driver other" if group == "driver" else group] += t.user + t.system
+        main = time.thread_time()  # this (the main) thread's CPU time
+        used["driver main"] = main
+        used["sampler"] = self.monitor.cpu_s
+        used["driver other"] -= main + self.monitor.cpu_s  # the rest of the driver: Ray's threads, torch's pool
+        self.snaps.append(used)
+
+    def per_round(self) -> dict[str, float]:
+        """Mean CPU seconds per round over rounds 2.. (or over round 1 when there is one round)."""
+        first, last = (1, len(self.snaps) - 1) if len(self.snaps) > 2 else (0, len(self.snaps) - 1)
+        n = max(1, last - first)
+        return {g: (self.snaps[last][g] - self.snaps[first][g]) / n for g in CPU_GROUPS}
+
+
+class Timed:
+    """An executor wrapper that times `start` (the engine's set-up: data put, actors started)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.start_s = inner, inner.name, 0.0
+
+    def start(self, *args) -> None:
+        t = time.perf_counter()
+        self.inner.start(*args)
+        self.start_s = time.perf_counter() - t
+
+    def run(self, *args):
+        return self.inner.run(*args)
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+
+def timing_evaluate(store: list) -> callable:
+    """`fh.evaluate`, timed: each call's seconds are appended to `store` (run_round looks it up by name)."""
+    evaluate = fh.evaluate
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = evaluate(*args, **kwargs)
+        store.append(time.perf_counter() - t)
+        return out
+
+    timed.original = evaluate
+    return timed
+
+
+# ----------------------------------------------------------------------------
+# The minimal Ray-tasks baseline (NOT the engine)
+# ----------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=1)
+def minimal_client(weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray, seed: int,
+                   cfg: fh.TrainConfig) -> tuple[int, float, np.ndarray]:
+    """One client's update as the shortest Ray task does it: a fresh model, one thread, train_local."""
+    with fh.torch_threads(1):
+        model = fh.set_flat_weights(fh.make_model(cfg.model), weights)
+        x, y = torch.from_numpy(x_all[indices]), torch.from_numpy(y_all[indices])
+        losses = fh.train_local(model, x, y, cfg.epochs, cfg.batch_size, cfg.lr, seed, cfg.momentum,
+                                cfg.weight_decay)
+        return len(indices), losses[-1], fh.flat_weights(model).numpy()
+
+
+def minimal_rounds(task: fh.FedTask, rounds: int, callback=None, timer: Timed | None = None
+                   ) -> tuple[torch.nn.Module, list[dict]]:
+    """FedAvg in about fifteen lines of plain Ray: the data is put once, the weights once per
+    round, one task per sampled client, `ray.get` in client-id order, the float64 weighted mean
+    folded in that order, then the test set: the engine's math (and its bits), none of its pieces."""
+    start, cfg = time.perf_counter(), task.config
+    x_ref, y_ref = ray.put(task.train[0].numpy()), ray.put(task.train[1].numpy())
+    if timer is not None:
+        timer.start_s = time.perf_counter() - start
+    model, history = fh.make_model(cfg.model, task.seed), []
+    for rnd in range(1, rounds + 1):
+        t = time.perf_counter()
+        w = fh.flat_weights(model)
+        w_ref = ray.put(w.numpy())
+        clients = fh.sample_clients(len(task.partitions), task.client_fraction, task.seed, rnd)
+        outs = ray.get([minimal_client.remote(w_ref, x_ref, y_ref, task.partitions[k],
+                                              fh.client_seed(task.seed, rnd, int(k)), cfg) for k in clients])
+        sizes = np.array([n for n, _, _ in outs], dtype=np.float64)
+        avg = torch.zeros(len(w), dtype=torch.float64)
+        for (_, _, weights), c in zip(outs, sizes / sizes.sum()):
+            avg += float(c) * torch.tensor(weights, dtype=torch.float64)
+        fh.set_flat_weights(model, avg.to(torch.float32))
+        loss, acc = fh.evaluate(model, *task.test)
+        history.append({"round": rnd, "accuracy": acc, "loss": loss, "clients": len(clients),
+                        "seconds": time.perf_counter() - t})
+        if callback is not None:
+            callback(history)
+    return model, history
+
+
+# ----------------------------------------------------------------------------
+# One configuration
+# ----------------------------------------------------------------------------
+
+
 def checksum(model: torch.nn.Module) -> str:
     """First 12 hex digits of the sha256 of all state-dict tensors as float32 bytes, in order."""
     h = hashlib.sha256()
@@ -219,8 +382,7 @@ def start_ray() -> float | None:
     return time.perf_counter() - start
 
 
-def run_one(workload: str, engine: str, clients: int, quick: bool) -> dict:
-    """Run one configuration in this process and return its figures."""
+def make_task(workload: str, clients: int, quick: bool) -> fh.FedTask:
     spec = workloads(quick)[workload]
     train, test = load(spec["dataset"])
     labels = train[1].numpy()
@@ -231,25 +393,48 @@ def run_one(workload: str, engine: str, clients: int, quick: bool) -> dict:
         parts = fh.make_partition(spec["scheme"], labels, clients, seed=spec["seed"], alpha=spec["alpha"],
                                   min_size=spec["min_size"])
         fraction = spec["sampled"] / clients
-    ray_init_s = start_ray() if engine == "ray" else None
-    knobs = dict(rounds=spec["rounds"], client_fraction=fraction, local_epochs=spec["local_epochs"],
-                 batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"], progress=False)
-    if engine == "ray":
-        knobs.update(use_ray=True, num_workers=NUM_WORKERS)
-    else:
-        knobs.update(use_ray=False)
-    with TreeMonitor() as mon:
-        model, history = fh.run_federated_pool(spec["model"], train, test, parts, **knobs)
+    cfg = fh.TrainConfig(spec["model"], spec["local_epochs"], spec["batch_size"], spec["lr"])
+    return fh.FedTask(train, test, parts, cfg, fraction, spec["seed"])
+
+
+def run_one(workload: str, engine: str, clients: int, quick: bool, repeat: int = 0) -> dict:
+    """Run one configuration in this process and return its figures."""
+    rounds = workloads(quick)[workload]["rounds"]
+    task = make_task(workload, clients, quick)
+    ray_init_s = start_ray() if engine in RAY_ENGINES else None
+    evals: list[float] = []
+    fh.evaluate = timing_evaluate(evals)
+    try:
+        with TreeMonitor() as mon:
+            cpu = RoundCPU(mon)
+            cpu.snap()
+            start = time.perf_counter()
+            if engine == "minimal":
+                timer = Timed(fh.InProcess())  # only its start_s is used
+                model, history = minimal_rounds(task, rounds, cpu.snap, timer)
+            else:
+                inner = {"floor": fh.InProcess, "tasks": fh.RayTasks,
+                         "pool": lambda: fh.ActorPool(num_workers=NUM_WORKERS)}[engine]()
+                timer = Timed(inner)
+                model, history = fh.run_rounds(task, rounds, executor=timer, callbacks=[cpu.snap], progress=False)
+            total_s = time.perf_counter() - start
+    finally:
+        fh.evaluate = fh.evaluate.original
     rounds_s = [h["seconds"] for h in history]
+    per_cpu = cpu.per_round()
     return {
         "workload": workload,
         "engine": engine,
         "clients": clients,
+        "repeat": repeat,
         "sampled": history[-1]["clients"],
         "per_round_s": statistics.median(rounds_s[1:] or rounds_s),  # round 1 pays the start-up
         "rounds_s": rounds_s,
-        "first_update_s": history[0]["first_result"],
-        "total_s": history[-1]["elapsed"],
+        "start_s": timer.start_s,  # the executor's start: data put, actors started and ready
+        "first_round_s": rounds_s[0],
+        "total_s": total_s,
+        "evaluate_s": statistics.median(evals[1:] or evals),  # the driver's test-set pass, per round
+        "cpu_per_round_s": per_cpu,  # rounds 2..: CPU seconds per part of the tree
         "peak_total_mb": mon.peak_rss / MB,
         "peak_private_mb": mon.peak_uss / MB,
         "peak_pss_mb": mon.peak_pss / MB,  # proportional set size: shared pages split between their users
@@ -265,22 +450,23 @@ def run_one(workload: str, engine: str, clients: int, quick: bool) -> dict:
     }
 
 
-def run_isolated(workload: str, engine: str, clients: int, quick: bool) -> dict:
+def run_isolated(workload: str, engine: str, clients: int, quick: bool, repeat: int = 0) -> dict:
     """Run one configuration in a fresh subprocess of this script and return its figures."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "one.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", workload, "--engine", engine,
-               "--clients", str(clients), "--json-to", str(out)] + (["--quick"] if quick else [])
+               "--clients", str(clients), "--repeat", str(repeat), "--json-to", str(out)]
+        cmd += ["--quick"] if quick else []
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join(proc.stdout.splitlines()[-40:])
-            raise SystemExit(f"configuration {workload}/{engine}/{clients} failed "
+            raise SystemExit(f"configuration {workload}/{engine}/{clients}/{repeat} failed "
                              f"(exit code {proc.returncode}):\n{tail}")
         return json.loads(out.read_text())
 
 
 # ----------------------------------------------------------------------------
-# Reporting
+# Summarising
 # ----------------------------------------------------------------------------
 
 
@@ -315,132 +501,217 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("inf")
 
 
-def summarise(runs: dict[tuple[str, str, int], dict], quick: bool) -> dict:
-    """Figures, ratios and targets from the per-configuration results."""
+def spread(values: list[float]) -> dict:
+    """Median, min and max of `values` (and the values)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def engine_summary(runs: list[dict]) -> dict:
+    """One engine's figures over its repeats: the median of each number, the max of each peak."""
+    med = {k: statistics.median(r[k] for r in runs) for k in
+           ("per_round_s", "start_s", "first_round_s", "total_s", "evaluate_s", "tree_cores", "other_cores",
+            "sampler_cpu_s", "accuracy")}
+    peaks = {k: max(r[k] for r in runs) for k in ("peak_total_mb", "peak_private_mb", "peak_pss_mb",
+                                                   "peak_processes")}
+    cpu = {g: statistics.median(r["cpu_per_round_s"][g] for r in runs) for g in CPU_GROUPS}
+    return {**med, **peaks, "cpu_per_round_s": cpu, "sampled": runs[0]["sampled"], "repeats": len(runs),
+            "checksums": sorted({r["checksum"] for r in runs}),
+            "ray_init_s": [r["ray_init_s"] for r in runs if r["ray_init_s"] is not None]}
+
+
+PAIRS = (("pool", "minimal"), ("pool", "floor"), ("minimal", "floor"), ("tasks", "minimal"), ("pool", "tasks"))
+
+
+def summarise(runs: dict[tuple[str, str, int, int], dict], quick: bool, engines: list[str], repeats: int,
+              w2_repeats: int, w1_only: bool) -> dict:
+    """Figures, paired ratios and targets from the per-configuration results."""
     spec = workloads(quick)
     k1 = spec["W1"]["clients"]
-    floor, ray_ = runs[("W1", "floor", k1)], runs[("W1", "ray", k1)]
+    by_engine = {e: [runs[("W1", e, k1, rep)] for rep in range(repeats)] for e in engines}
+    ratios = {}
+    for a, b in PAIRS:
+        if a in engines and b in engines:
+            ratios[f"{a}/{b}"] = spread([ratio(x["per_round_s"], y["per_round_s"])
+                                         for x, y in zip(by_engine[a], by_engine[b])])
+    checks = {r["checksum"] for rs in by_engine.values() for r in rs}
     w1 = {
         "config": spec["W1"],
-        "floor": floor,
-        "ray": ray_,
-        "per_round_ratio": ratio(ray_["per_round_s"], floor["per_round_s"]),
-        "total_ratio": ratio(ray_["total_s"], floor["total_s"]),
-        "first_update_s": ray_["first_update_s"],
-        "bit_identical": floor["checksum"] == ray_["checksum"],
+        "engines": {e: engine_summary(rs) for e, rs in by_engine.items()},
+        "runs": [runs[("W1", e, k1, rep)] for rep in range(repeats) for e in engines],
+        "per_round_ratios": ratios,  # paired: repeat i of one engine against repeat i of the other
+        "bit_identical": len(checks) == 1,
+        "checksum": sorted(checks)[0] if len(checks) == 1 else None,
     }
     sizes = []
-    for k in spec["W2"]["sizes"]:
-        f, r = runs[("W2", "floor", k)], runs[("W2", "ray", k)]
+    for k in ([] if w1_only else spec["W2"]["sizes"]):
+        f = [runs[("W2", "floor", k, rep)] for rep in range(w2_repeats)]
+        p = [runs[("W2", "pool", k, rep)] for rep in range(w2_repeats)]
+        overhead = spread([(b["per_round_s"] - a["per_round_s"]) / b["sampled"] * 1000 for a, b in zip(f, p)])
         sizes.append({
             "clients": k,
-            "sampled": r["sampled"],
-            "floor": f,
-            "ray": r,
-            "overhead_ms_per_client": (r["per_round_s"] - f["per_round_s"]) / r["sampled"] * 1000,
-            "bit_identical": f["checksum"] == r["checksum"],
+            "sampled": p[0]["sampled"],
+            "floor": engine_summary(f),
+            "pool": engine_summary(p),
+            "runs": [r for pair in zip(f, p) for r in pair],
+            "overhead_ms_per_client": overhead["median"],
+            "overhead_ms": overhead,
+            "bit_identical": len({r["checksum"] for r in f + p}) == 1,
         })
-    w2 = {"config": spec["W2"], "sizes": sizes}
+    w2 = {"config": spec["W2"], "repeats": w2_repeats, "sizes": sizes}
 
-    t = TARGETS
-    targets = [
-        ("W1 Ray/floor per-round seconds", f"<= {t['w1_per_round_ratio']}", w1["per_round_ratio"],
-         w1["per_round_ratio"] <= t["w1_per_round_ratio"], "{:.2f}"),
-        ("W1 Ray/floor total seconds", f"<= {t['w1_total_ratio']}", w1["total_ratio"],
-         w1["total_ratio"] <= t["w1_total_ratio"], "{:.2f}"),
-        ("W1 Ray first client update (s)", f"<= {t['w1_first_update_s']:g}", w1["first_update_s"],
-         w1["first_update_s"] <= t["w1_first_update_s"], "{:.2f}"),
-        ("W1 weights bit-identical", "yes", "yes" if w1["bit_identical"] else "no", w1["bit_identical"], "{}"),
-    ]
+    t, targets = TARGETS, []
+    n = f"median of {repeats} paired"
+    for (a, b), key in ((("pool", "minimal"), "w1_pool_vs_minimal"), (("pool", "floor"), "w1_pool_vs_floor")):
+        if f"{a}/{b}" in ratios:
+            r = ratios[f"{a}/{b}"]
+            targets.append((f"W1 {LABEL[a]}/{LABEL[b]} per-round s ({n})", f"<= {t[key]}", r["median"],
+                            r["median"] <= t[key], f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"))
+    same = "yes" if w1["bit_identical"] else "no"
+    targets.append((f"W1 weights bit-identical ({len(engines)} engines x {repeats})", "yes", same,
+                    w1["bit_identical"], same))
     for s in sizes:
+        o = s["overhead_ms"]
+        text = f"{o['median']:.2f}" + (f" [{o['min']:.2f}-{o['max']:.2f}]" if w2_repeats > 1 else "")
         targets.append((f"W2 K={s['clients']:,} overhead ms/sampled client", f"<= {t['w2_overhead_ms']:g}",
-                        s["overhead_ms_per_client"], s["overhead_ms_per_client"] <= t["w2_overhead_ms"], "{:.2f}"))
-    for s in sizes:
-        for key, name in (("peak_total_mb", "total"), ("peak_private_mb", "private")):
-            targets.append((f"W2 K={s['clients']:,} Ray peak {name} MB", f"< {t['w2_memory_mb']:,}",
-                            s["ray"][key], s["ray"][key] < t["w2_memory_mb"], "{:,.0f}"))
+                        o["median"], o["median"] <= t["w2_overhead_ms"], text))
     if len(sizes) >= 2:
         a, b = sizes[-2], sizes[-1]
         for key, name in (("peak_total_mb", "total"), ("peak_private_mb", "private")):
-            change = b["ray"][key] / a["ray"][key] - 1
-            targets.append((f"W2 Ray peak {name} MB, K={a['clients']:,} -> {b['clients']:,}",
+            change = b["pool"][key] / a["pool"][key] - 1
+            targets.append((f"W2 pool peak {name} MB, K={a['clients']:,} -> {b['clients']:,}",
                             f"within +-{t['w2_memory_flat']:.0%}", change, abs(change) <= t["w2_memory_flat"],
-                            "{:+.1%}"))
+                            f"{change:+.1%}"))
     for s in sizes:
-        targets.append((f"W2 K={s['clients']:,} weights bit-identical", "yes",
-                        "yes" if s["bit_identical"] else "no", s["bit_identical"], "{}"))
+        ok = s["bit_identical"]
+        targets.append((f"W2 K={s['clients']:,} weights bit-identical", "yes", "yes" if ok else "no", ok,
+                        "yes" if ok else "no"))
     return {
         "W1": w1,
         "W2": w2,
-        "targets": [{"name": n, "target": tg, "measured": m, "text": fmt.format(m), "pass": bool(ok)}
-                    for n, tg, m, ok, fmt in targets],
+        "targets": [{"name": nm, "target": tg, "measured": m, "text": tx, "pass": bool(ok)}
+                    for nm, tg, m, ok, tx in targets],
     }
+
+
+# ----------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------
 
 
 def table(result: dict) -> str:
     """The human-readable report of `result` (the same data as the JSON)."""
     m, w1, w2 = result["machine"], result["W1"], result["W2"]
     c1, c2 = w1["config"], w2["config"]
-    f, r = w1["floor"], w1["ray"]
+    engines = list(w1["engines"])
+    e = w1["engines"]
     inits = result["ray_init_s"]
-    per_round_label = f"per-round s (median rounds 2..{c1['rounds']})"
+    reps = result["repeats"]
+    width = 13
+
+    def row(label: str, values: list[str]) -> str:
+        return f"  {label:<40}" + "".join(f"{v:>{width}}" for v in values)
+
+    def fig(key: str, fmt: str) -> list[str]:
+        return [format(e[x][key], fmt) for x in engines]
+
     lines = [
-        "=" * 96,
-        f"Federated-learning benchmark (run_federated_pool)   {m['date']}"
+        "=" * 100,
+        f"Federated-learning benchmark (the round engine, run_rounds)   {m['date']}"
         f"{'   QUICK smoke run: tiny sizes, not representative' if result['quick'] else ''}",
         f"machine: {m['cpus']} CPUs, {m['ram_gb']:.1f} GiB RAM, {m['cpu_model']}; 1-min load average at start "
-        f"{m['load_avg_at_start'][0]:.2f}; timings compare only on a quiet machine: see 'other work' per run",
+        f"{m['load_avg_at_start'][0]:.2f}, at end {m['load_avg_at_end'][0]:.2f}; timings compare only on a quiet "
+        "machine: see 'other work' per run",
         f"software: Python {m['python']}, torch {m['torch']}, Ray {m['ray']}, numpy {m['numpy']}, "
         f"psutil {m['psutil']}",
         f"mode: {'each configuration in a fresh subprocess' if result['isolated'] else 'all in one process'}"
         f"{'' if result['isolated'] else ' (peak memory NOT isolated between configurations)'}; "
-        f"Ray engine = {NUM_WORKERS} ClientTrainer actors; MB = 2**20 bytes",
-        f"ray.init: {statistics.median(inits):.1f} s (median of {len(inits)} start(s): "
-        f"{', '.join(f'{s:.1f}' for s in inits)}; not part of any engine timing)",
+        f"engines interleaved, {reps} repeat(s) of W1; Ray: {NUM_WORKERS} CPUs; MB = 2**20 bytes",
+    ]
+    lines += [f"  {LABEL[x]:<10} {ENGINES[x]}" for x in engines]
+    if inits:
+        lines.append(f"ray.init: {statistics.median(inits):.1f} s (median of {len(inits)} start(s), "
+                     f"{min(inits):.1f}-{max(inits):.1f}; not part of any engine timing)")
+    rounds = c1["rounds"]
+    lines += [
         "",
         f"W1 classroom: {c1['dataset']}, {c1['clients']} clients {c1['scheme'].upper()}, {c1['model']}, fraction "
         f"{c1['client_fraction']}, {c1['local_epochs']} epoch, batch {c1['batch_size']}, lr {c1['lr']}, "
-        f"{c1['rounds']} rounds, seed {c1['seed']}",
-        f"  {'':<36}{'floor':>14}{'Ray':>14}{'Ray/floor':>12}",
-        f"  {per_round_label:<36}{f['per_round_s']:>14.2f}"
-        f"{r['per_round_s']:>14.2f}{w1['per_round_ratio']:>12.2f}",
-        f"  {'engine start -> first update s':<36}{f['first_update_s']:>14.2f}{r['first_update_s']:>14.2f}",
-        f"  {'total s':<36}{f['total_s']:>14.2f}{r['total_s']:>14.2f}{w1['total_ratio']:>12.2f}",
-        f"  {'peak memory, process tree total MB':<36}{f['peak_total_mb']:>14,.0f}{r['peak_total_mb']:>14,.0f}",
-        f"  {'peak memory, process tree private MB':<36}{f['peak_private_mb']:>14,.0f}{r['peak_private_mb']:>14,.0f}",
-        f"  {'  (for reference: PSS MB)':<36}{f['peak_pss_mb']:>14,.0f}{r['peak_pss_mb']:>14,.0f}",
-        f"  {'processes in tree (peak)':<36}{f['peak_processes']:>14}{r['peak_processes']:>14}",
-        f"  {'CPU cores used, this run (mean)':<36}{f['tree_cores']:>14.2f}{r['tree_cores']:>14.2f}",
-        f"  {'CPU cores used, other work (mean)':<36}{f['other_cores']:>14.2f}{r['other_cores']:>14.2f}",
-        f"  {'memory sampler CPU s (in this run)':<36}{f['sampler_cpu_s']:>14.2f}{r['sampler_cpu_s']:>14.2f}",
-        f"  {'final accuracy':<36}{f['accuracy']:>14.4f}{r['accuracy']:>14.4f}",
-        f"  {'weights sha256[:12]':<36}{f['checksum']:>14}{r['checksum']:>14}"
-        f"   bit-identical: {'yes' if w1['bit_identical'] else 'NO'}",
-        "",
-        f"W2 scale: {c2['dataset']}, Dirichlet(alpha={c2['alpha']}, min {c2['min_size']}) over K clients, "
-        f"{c2['sampled']} sampled per round, {c2['model']}, {c2['local_epochs']} epoch, batch {c2['batch_size']}, "
-        f"lr {c2['lr']}, {c2['rounds']} rounds (per-round = median of rounds 2..{c2['rounds']})",
-        f"  {'':>7}{'floor':>9}{'Ray':>9}{'overhead':>10}{'Ray peak MB':>21}{'floor peak MB':>15}"
-        f"{'other load':>12}{'':>10}{'bit-':>10}",
-        f"  {'K':>7}{'s/round':>9}{'s/round':>9}{'ms/client':>10}{'total/private (PSS)':>21}{'total/private':>15}"
-        f"{'floor/Ray':>12}{'accuracy':>10}{'identical':>10}",
+        f"{rounds} rounds, seed {c1['seed']}; each figure: the median over the {reps} repeat(s)",
+        row("", [LABEL[x] for x in engines]),
+        row(f"per-round s (median of rounds 2..{rounds})", fig("per_round_s", ".3f")),
+        row("engine start s (data put, workers ready)", fig("start_s", ".2f")),
+        row("round 1 s", fig("first_round_s", ".2f")),
+        row("total s (start + all rounds)", fig("total_s", ".2f")),
+        row("  of a round: test-set evaluation s", fig("evaluate_s", ".3f")),
+        f"  CPU s per round (rounds 2..{rounds}), by part of the process tree:",
     ]
-    for s in w2["sizes"]:
-        f2, r2 = s["floor"], s["ray"]
-        ray_mb = f"{r2['peak_total_mb']:,.0f}/{r2['peak_private_mb']:,.0f} ({r2['peak_pss_mb']:,.0f})"
-        floor_mb = f"{f2['peak_total_mb']:,.0f}/{f2['peak_private_mb']:,.0f}"
-        other = f"{f2['other_cores']:.1f}/{r2['other_cores']:.1f}"
-        lines.append(
-            f"  {s['clients']:>7,}{f2['per_round_s']:>9.3f}{r2['per_round_s']:>9.3f}"
-            f"{s['overhead_ms_per_client']:>10.2f}{ray_mb:>21}{floor_mb:>15}{other:>12}"
-            f"{r2['accuracy']:>10.4f}{'yes' if s['bit_identical'] else 'NO':>10}")
-    lines.append("  (other load = mean CPU cores used by other processes on the machine during the run)")
-    lines += ["", "Targets", f"  {'':<48}{'target':>14}{'measured':>12}  result"]
+    for g in CPU_GROUPS:
+        lines.append(row(f"  {g}", [f"{e[x]['cpu_per_round_s'][g]:.3f}" for x in engines]))
+    lines.append(row("  sum", [f"{sum(e[x]['cpu_per_round_s'].values()):.3f}" for x in engines]))
+    lines.append(row("  workers' CPU s per client update",
+                     [f"{e[x]['cpu_per_round_s']['workers'] / e[x]['sampled']:.3f}" if x != "floor" else "-"
+                      for x in engines]))
+    lines += [
+        row("CPU cores used, this run (mean)", fig("tree_cores", ".2f")),
+        row("CPU cores used, other work (mean)", fig("other_cores", ".2f")),
+        row("peak memory, process tree total MB", fig("peak_total_mb", ",.0f")),
+        row("peak memory, process tree private MB", fig("peak_private_mb", ",.0f")),
+        row("  (for reference: PSS MB)", fig("peak_pss_mb", ",.0f")),
+        row("processes in tree (peak)", fig("peak_processes", "d")),
+        row("final accuracy", fig("accuracy", ".4f")),
+        row("weights sha256[:12]", [",".join(e[x]["checksums"]) for x in engines]),
+        f"  bit-identical across all engines and repeats: {'yes' if w1['bit_identical'] else 'NO'}",
+        "",
+        "  per repeat: per-round s, and the paired ratios (repeat i against repeat i)",
+    ]
+    pairs = list(w1["per_round_ratios"])
+    lines.append(f"  {'repeat':>6}" + "".join(f"{LABEL[x]:>11}" for x in engines)
+                 + "".join(f"{p.replace('minimal', 'min'):>14}" for p in pairs) + f"{'other load':>12}")
+    for rep in range(reps):
+        rs = [r for r in w1["runs"] if r["repeat"] == rep]
+        by = {r["engine"]: r for r in rs}
+        lines.append(f"  {rep + 1:>6}" + "".join(f"{by[x]['per_round_s']:>11.3f}" for x in engines)
+                     + "".join(f"{w1['per_round_ratios'][p]['values'][rep]:>14.2f}" for p in pairs)
+                     + f"{max(r['other_cores'] for r in rs):>12.2f}")
+    lines.append(f"  {'median':>6}{'':>{11 * len(engines)}}"
+                 + "".join(f"{w1['per_round_ratios'][p]['median']:>14.2f}" for p in pairs))
+    lines.append(f"  {'min-max':>6}{'':>{11 * len(engines)}}"
+                 + "".join(f"{w1['per_round_ratios'][p]['min']:>8.2f}-{w1['per_round_ratios'][p]['max']:.2f}"
+                           for p in pairs))
+    lines.append("  (other load = the largest mean CPU cores used by other processes during a run of that repeat)")
+    if w2["sizes"]:
+        lines += [
+            "",
+            f"W2 scale: {c2['dataset']}, Dirichlet(alpha={c2['alpha']}, min {c2['min_size']}) over K clients, "
+            f"{c2['sampled']} sampled per round, {c2['model']}, {c2['local_epochs']} epoch, batch {c2['batch_size']}, "
+            f"lr {c2['lr']}, {c2['rounds']} rounds (per-round = median of rounds 2..{c2['rounds']}); "
+            f"{w2['repeats']} repeat(s), medians",
+            f"  {'':>7}{'floor':>9}{'pool':>9}{'overhead':>10}{'pool peak MB':>21}{'floor peak MB':>15}"
+            f"{'other load':>12}{'':>10}{'bit-':>10}",
+            f"  {'K':>7}{'s/round':>9}{'s/round':>9}{'ms/client':>10}{'total/private (PSS)':>21}{'total/private':>15}"
+            f"{'floor/pool':>12}{'accuracy':>10}{'identical':>10}",
+        ]
+        for s in w2["sizes"]:
+            f2, r2 = s["floor"], s["pool"]
+            pool_mb = f"{r2['peak_total_mb']:,.0f}/{r2['peak_private_mb']:,.0f} ({r2['peak_pss_mb']:,.0f})"
+            floor_mb = f"{f2['peak_total_mb']:,.0f}/{f2['peak_private_mb']:,.0f}"
+            other = f"{f2['other_cores']:.1f}/{r2['other_cores']:.1f}"
+            lines.append(
+                f"  {s['clients']:>7,}{f2['per_round_s']:>9.3f}{r2['per_round_s']:>9.3f}"
+                f"{s['overhead_ms_per_client']:>10.2f}{pool_mb:>21}{floor_mb:>15}{other:>12}"
+                f"{r2['accuracy']:>10.4f}{'yes' if s['bit_identical'] else 'NO':>10}")
+        lines.append("  (other load = mean CPU cores used by other processes on the machine during the run)")
+    lines += ["", "Targets (ratios: median of the paired ratios [min-max])",
+              f"  {'':<56}{'target':>14}{'measured':>18}  result"]
     for t in result["targets"]:
-        lines.append(f"  {t['name']:<48}{t['target']:>14}{t['text']:>12}  {'PASS' if t['pass'] else 'MISS'}")
+        lines.append(f"  {t['name']:<56}{t['target']:>14}{t['text']:>18}  {'PASS' if t['pass'] else 'MISS'}")
     passed = sum(t["pass"] for t in result["targets"])
-    lines += [f"  {passed} of {len(result['targets'])} targets met; "
-              f"benchmark wall time {result['wall_s']:.0f} s", "=" * 96]
+    busy = max(r["other_cores"] for r in w1["runs"])
+    lines += [f"  {passed} of {len(result['targets'])} targets met; benchmark wall time {result['wall_s']:.0f} s"]
+    if busy > 0.2:
+        lines.append(f"  NOTE: other processes used up to {busy:.1f} cores during W1: the timings are not "
+                     "representative; run again on a quiet machine")
+    lines.append("=" * 100)
     return "\n".join(lines)
 
 
@@ -451,57 +722,78 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    p.add_argument("--out", type=Path, help=f"where to write the JSON results (default "
+                   f"{DEFAULT_OUT.relative_to(ROOT)}; with --quick, or a partial run, {QUICK_OUT.relative_to(ROOT)})")
     p.add_argument("--quick", action="store_true", help="tiny sizes on synthetic data (implies --inprocess)")
     p.add_argument("--inprocess", action="store_true",
                    help="run every configuration in this process (one ray.init; memory not isolated)")
     p.add_argument("--isolate", action="store_true", help="subprocess per configuration even with --quick")
+    p.add_argument("--repeats", type=int, help="W1 repeats of every engine, interleaved (default 3; quick 2)")
+    p.add_argument("--w2-repeats", type=int, default=1, help="W2 repeats of floor and pool per K (default 1)")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"W1 engines, comma-separated, from {','.join(ENGINES)} (default: all)")
+    p.add_argument("--w1-only", action="store_true", help="skip W2 (a short run while developing)")
     p.add_argument("--one", choices=["W1", "W2"], help=argparse.SUPPRESS)  # child mode: one configuration
-    p.add_argument("--engine", choices=["floor", "ray"], help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json-to", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.one:  # child: run one configuration, write its figures, shut Ray down
         try:
-            figures = run_one(args.one, args.engine, args.clients, args.quick)
+            figures = run_one(args.one, args.engine, args.clients, args.quick, args.repeat)
         finally:
             if ray.is_initialized():
                 ray.shutdown()
         args.json_to.write_text(json.dumps(figures))
         return 0
 
+    engines = [x for x in args.engines.split(",") if x]
+    if not engines or any(x not in ENGINES for x in engines) or len(set(engines)) != len(engines):
+        p.error(f"--engines must name distinct engines from {','.join(ENGINES)}, got {args.engines!r}")
+    if not args.w1_only and "floor" not in engines:
+        engines.insert(0, "floor")  # W2 compares with the floor
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    if repeats < 1 or args.w2_repeats < 1:
+        p.error("--repeats and --w2-repeats must be >= 1")
+    engines = [x for x in ENGINES if x in engines]  # the interleaving order
     wall = time.perf_counter()
     isolated = args.isolate or not (args.inprocess or args.quick)
-    todo = configurations(args.quick)
+    todo = configurations(args.quick, engines, repeats, args.w2_repeats, args.w1_only)
     if not isolated:  # every floor run before Ray starts, so the floor's process tree holds no Ray
-        todo = sorted(todo, key=lambda c: c[1] == "ray")
+        todo = sorted(todo, key=lambda c: c[1] in RAY_ENGINES)
     info = machine()
     print(f"benchmark: {len(todo)} configurations, {'subprocess each' if isolated else 'in this process'}"
-          f"{', quick' if args.quick else ''}", flush=True)
+          f"{', quick' if args.quick else ''}; W1 engines {', '.join(LABEL[x] for x in engines)} x {repeats}",
+          flush=True)
     runs = {}
     try:
-        for i, (workload, engine, clients) in enumerate(todo, start=1):
-            label = f"[{i}/{len(todo)}] {workload} {engine:<5} K={clients:<6,}"
-            print(f"{label} start", flush=True)
+        for i, (workload, engine, clients, rep) in enumerate(todo, start=1):
+            label = f"[{i}/{len(todo)}] {workload} {LABEL[engine]:<9} K={clients:<6,} #{rep + 1}"
+            print(f"{label} start (load {os.getloadavg()[0]:.2f})", flush=True)
             start = time.perf_counter()
             run = run_isolated if isolated else run_one
-            runs[(workload, engine, clients)] = res = run(workload, engine, clients, args.quick)
+            runs[(workload, engine, clients, rep)] = res = run(workload, engine, clients, args.quick, rep)
             init = f", ray.init {res['ray_init_s']:.1f} s" if res["ray_init_s"] is not None else ""
             print(f"{label} done in {time.perf_counter() - start:.1f} s: {res['per_round_s']:.3f} s/round, "
-                  f"total {res['total_s']:.1f} s, peak {res['peak_total_mb']:,.0f} MB{init}", flush=True)
+                  f"total {res['total_s']:.1f} s, peak {res['peak_total_mb']:,.0f} MB, other load "
+                  f"{res['other_cores']:.2f}{init}", flush=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    result = {"machine": info, "quick": args.quick, "isolated": isolated, "targets_spec": TARGETS}
+    result = {"machine": info, "quick": args.quick, "isolated": isolated, "repeats": repeats,
+              "engines": {x: ENGINES[x] for x in engines}, "targets_spec": TARGETS}
     result["ray_init_s"] = [r["ray_init_s"] for r in runs.values() if r["ray_init_s"] is not None]
-    result.update(summarise(runs, args.quick))
+    result.update(summarise(runs, args.quick, engines, repeats, args.w2_repeats, args.w1_only))
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - wall
     print(table(result), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}", flush=True)
+    full = not (args.quick or args.w1_only or args.inprocess) and engines == list(ENGINES)
+    out = args.out or (DEFAULT_OUT if full else QUICK_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {out}", flush=True)
     return 0
 
 

@@ -1,19 +1,25 @@
-"""The `fedrun` command: tiny experiments end to end, config files, bad flags, and `compare`.
+"""The `fedrun` command: tiny experiments end to end on the round engine, its executors and round
+policies, the run folder's checkpoint (a run killed with SIGKILL resumes bit for bit), config
+files, bad flags, and `compare`.
 
-One run goes through a real subprocess (`python -m fedrun`); the rest call `fedrun.main` in this
-process, which parses the same argv and exits with the same status. Only one test starts Ray.
+Two runs go through a real subprocess (`python -m fedrun`); the rest call `fedrun.main` in this
+process, which parses the same argv and exits with the same status. Only the executor test uses Ray
+(the session's `ray_cluster`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_weights
 
 import fed_helpers as fh
 import fedrun
@@ -22,17 +28,32 @@ ROOT = Path(__file__).resolve().parents[1]
 # synthetic data, 800 training samples, a linear model: a run takes well under a second
 TINY = ["--dataset", "synthetic", "--model", "simple", "--clients", "4", "--rounds", "2", "--train-samples", "800",
         "--batch-size", "16", "--lr", "0.1", "--seed", "3"]
+NO_RAY = ["--executor", "in-process"]
 
 
 def load_record(out: Path) -> dict:
     return json.loads((out / "history.json").read_text())
 
 
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def load_model(out: Path) -> torch.nn.Module:
+    model = fh.make_model("simple")
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    return model
+
+
+def checkpoint_round(out: Path) -> int:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["round"]
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """One FedProx run through the real command line, without Ray."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    proc = subprocess.run([sys.executable, "-m", "fedrun", "run", *TINY, "--strategy", "fedprox", "--no-ray",
+    proc = subprocess.run([sys.executable, "-m", "fedrun", "run", *TINY, "--strategy", "fedprox", *NO_RAY,
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     return proc, out
 
@@ -45,28 +66,130 @@ def test_run_writes_consistent_outputs(cli_run, synthetic_test):
     rec = load_record(out)
     assert rec["config"]["strategy"] == "fedprox" and rec["config"]["strategy_knobs"] == {"mu": 0.01}
     assert rec["config"]["clients"] == 4 and rec["config"]["train_samples"] == 800 and rec["config"]["seed"] == 3
-    assert set(rec["versions"]) >= {"python", "torch", "numpy", "ray"}
+    assert rec["config"]["policy"]["name"] == "strict" and rec["runtime"]["executor"] == "in-process"
+    assert rec["resumed_after"] == 0 and set(rec["versions"]) >= {"python", "torch", "numpy", "ray"}
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [h["round"] for h in rec["history"]] == [1, 2]
     assert [float(r["accuracy"]) for r in rows] == [h["accuracy"] for h in rec["history"]]
+    assert [json.loads(r["sampled"]) for r in rows] == [h["sampled"] for h in rec["history"]] == [[0, 1, 2, 3]] * 2
+    for h in rec["history"]:  # the engine's one history format
+        assert h["bytes_sent"] == h["bytes_down"] + h["bytes_up"] and h["aggregated"] and h["clients"] == 4
     assert rec["final_accuracy"] == rec["history"][-1]["accuracy"]
     png = (out / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
-    model = fh.make_model("simple")
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model = load_model(out)
     assert fedrun.weights_sha256(model) == rec["weights_sha256"]
     assert fh.evaluate(model, *synthetic_test)[1] == rec["final_accuracy"]
+    assert checkpoint_round(out) == 2  # the run folder holds the last round's checkpoint
+    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=True)["weights"], fh.flat_weights(model))
 
 
-def test_same_seed_same_weights_with_and_without_ray(cli_run, tmp_path):
+def test_same_seed_same_weights_on_every_executor(cli_run, tmp_path, ray_cluster):
     _, out = cli_run
-    expected = load_record(out)["weights_sha256"]
-    assert fedrun.main(["run", *TINY, "--strategy", "fedprox", "--no-ray", "--out", str(tmp_path / "a")]) == 0
-    assert load_record(tmp_path / "a")["weights_sha256"] == expected
-    assert fedrun.main(["run", *TINY, "--strategy", "fedprox", "--cpus", "2", "--out", str(tmp_path / "ray")]) == 0
-    rec = load_record(tmp_path / "ray")
-    assert rec["runtime"]["use_ray"] and rec["weights_sha256"] == expected
+    ref = load_record(out)
+    for executor, extra in [("in-process", []), ("ray-tasks", ["--cpus", "2"]),
+                            ("actor-pool", ["--workers", "2", "--chunk-size", "1"])]:
+        folder = tmp_path / executor
+        assert fedrun.main(["run", *TINY, "--strategy", "fedprox", "--executor", executor, *extra,
+                            "--out", str(folder)]) == 0
+        rec = load_record(folder)
+        assert rec["runtime"]["executor"] == executor and rec["config"] == ref["config"]
+        assert rec["weights_sha256"] == ref["weights_sha256"], executor
+        assert without_timing(rec["history"]) == without_timing(ref["history"]), executor
+
+
+KILLED = [*TINY[:6], "--rounds", "12", "--train-samples", "2000", "--epochs", "2", *TINY[10:],
+          "--strategy", "scaffold", "--fraction", "0.5", *NO_RAY]
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_identical(tmp_path):
+    """`fedrun run ... --out D`, SIGKILLed once the checkpoint holds a round and before the end, then
+    the same command again: it resumes, and ends with the bits and history of an unbroken run."""
+    folder, command = tmp_path / "killed", [sys.executable, "-m", "fedrun", "run", *KILLED]
+    proc = subprocess.Popen([*command, "--out", str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (folder / "checkpoint.pt").exists() and checkpoint_round(folder) >= 1:
+                break
+            time.sleep(0.01)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+    assert alive, f"the run ended before it was killed:\n{out[-2000:]}\n{err[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    stopped = checkpoint_round(folder)
+    assert 1 <= stopped < 12 and not (folder / "history.json").exists()
+
+    again = subprocess.run([*command, "--out", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {folder}/checkpoint.pt: {stopped} of 12 rounds done" in again.stdout
+    assert fedrun.main(["run", *KILLED, "--out", str(tmp_path / "unbroken")]) == 0  # the same run, never stopped
+    resumed, unbroken = load_record(folder), load_record(tmp_path / "unbroken")
+    assert resumed["resumed_after"] == stopped and unbroken["resumed_after"] == 0
+    assert same_weights(load_model(folder), load_model(tmp_path / "unbroken"))
+    assert resumed["weights_sha256"] == unbroken["weights_sha256"]
+    assert without_timing(resumed["history"]) == without_timing(unbroken["history"])
+
+
+def test_rerun_continues_with_more_rounds_and_finished_runs_do_not_train(cli_run, tmp_path, monkeypatch):
+    _, out = cli_run
+    folder = tmp_path / "more"
+    argv = ["run", *TINY, "--strategy", "fedprox", *NO_RAY, "--out", str(folder)]
+    assert fedrun.main(argv) == 0
+    assert load_record(folder)["weights_sha256"] == load_record(out)["weights_sha256"]
+    assert fedrun.main([*argv, "--rounds", "3"]) == 0  # continues from round 2
+    assert fedrun.main(["run", *TINY, "--strategy", "fedprox", *NO_RAY, "--rounds", "3",
+                        "--out", str(tmp_path / "three")]) == 0
+    more, three = load_record(folder), load_record(tmp_path / "three")
+    assert more["resumed_after"] == 2 and more["weights_sha256"] == three["weights_sha256"]
+    assert without_timing(more["history"]) == without_timing(three["history"])
+    monkeypatch.setattr(fh, "train_client", lambda *a, **k: pytest.fail("a finished run trained again"))
+    assert fedrun.main([*argv, "--rounds", "3"]) == 0
+    assert load_record(folder)["weights_sha256"] == three["weights_sha256"]
+
+
+def test_a_checkpoint_of_other_settings_is_refused_unless_restart(cli_run, tmp_path, capsys):
+    folder = tmp_path / "r"
+    argv = ["run", *TINY, "--strategy", "fedprox", *NO_RAY, "--out", str(folder)]
+    assert fedrun.main(argv) == 0
+    before = (folder / "checkpoint.pt").read_bytes()
+    for extra, expected in [(["--lr", "0.2"], "config differ"), (["--rounds", "1"], "already holds 2 rounds"),
+                            (["--crash", "0.1"], "policy differ")]:
+        with pytest.raises(SystemExit) as exc:
+            fedrun.main([*argv, *extra])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and "argument --out:" in last and expected in last and "--restart" in last, last
+        assert (folder / "checkpoint.pt").read_bytes() == before  # nothing changed
+    assert fedrun.main([*argv, "--lr", "0.2", "--restart"]) == 0
+    rec = load_record(folder)
+    assert rec["config"]["lr"] == 0.2 and rec["resumed_after"] == 0
+    assert rec["weights_sha256"] != load_record(cli_run[1])["weights_sha256"]
+
+
+def test_resilient_flags_reach_the_engine(tmp_path):
+    """Faults, a deadline, min_clients and the norm rule: every sampled client is accepted, failed, late
+    or rejected, with the reason in the history; the model stays finite."""
+    folder = tmp_path / "faulty"
+    assert fedrun.main(["run", *TINY[:4], "--clients", "8", *TINY[6:], "--rounds", "3", *NO_RAY, "--crash", "0.3",
+                        "--nan", "0.2", "--slow", "0.2", "--slow-s", "0", "--deadline", "120", "--min-clients", "2",
+                        "--max-norm-ratio", "5", "--out", str(folder)]) == 0
+    rec = load_record(folder)
+    assert rec["config"]["policy"] == {"name": "resilient", "deadline_s": 120.0, "min_clients": 2,
+                                       "max_norm_ratio": 5.0, "slow_s": 0.0,
+                                       "faults": {"crash": 0.3, "kill": 0.0, "slow": 0.2, "nan": 0.2}}
+    for h in rec["history"]:
+        filed = set(h["accepted"]) | set(map(int, h["failed"])) | set(h["late"]) | set(map(int, h["rejected"]))
+        assert sorted(filed) == sorted(h["sampled"]) == list(range(8))  # sampled: in hand-out order
+        assert all("injected fault" in e for e in h["failed"].values())
+        assert all("NaN" in r or "norm" in r for r in h["rejected"].values())
+        assert h["aggregated"] == (len(h["accepted"]) >= 2)
+    assert sum(len(h["failed"]) for h in rec["history"]) > 0 and sum(len(h["rejected"]) for h in rec["history"]) > 0
+    assert torch.isfinite(fh.flat_weights(load_model(folder))).all()
 
 
 def test_config_file_equals_the_same_flags(cli_run, tmp_path):
@@ -79,41 +202,73 @@ def test_config_file_equals_the_same_flags(cli_run, tmp_path):
     assert fedrun.main(["run", "--config", str(config), "--out", str(tmp_path / "c")]) == 0
     rec, ref = load_record(tmp_path / "c"), load_record(out)
     assert rec["config"] == ref["config"] and rec["weights_sha256"] == ref["weights_sha256"]
+    assert rec["runtime"]["executor"] == "in-process"
 
 
 def test_flags_override_the_config_file(tmp_path):
     config = tmp_path / "exp.json"
     config.write_text(json.dumps({"dataset": "synthetic", "model": "simple", "train_samples": 400, "rounds": 3,
-                                  "strategy": "fedprox", "mu": 0.5, "no_ray": True, "clients": 2}))
+                                  "strategy": "fedprox", "mu": 0.5, "executor": "in-process", "clients": 2,
+                                  "deadline": 60}))
     assert fedrun.main(["run", "--config", str(config), "--rounds", "1", "--clients", "3",
                         "--out", str(tmp_path / "o")]) == 0
     rec = load_record(tmp_path / "o")
     assert rec["config"]["rounds"] == 1 and len(rec["history"]) == 1 and rec["config"]["clients"] == 3
     assert rec["config"]["strategy_knobs"] == {"mu": 0.5} and rec["config"]["train_samples"] == 400
+    assert rec["config"]["policy"]["name"] == "resilient" and rec["config"]["policy"]["deadline_s"] == 60
 
 
 BAD = [  # extra flags, what stderr must say (the flag, its allowed range)
     (["--fraction", "0"], ["--fraction", "(0, 1]"]),
     (["--fraction", "1.5"], ["--fraction", "(0, 1]"]),
+    (["--fraction", "nan"], ["--fraction", "(0, 1]", "'nan'"]),
     (["--clients", "0"], ["--clients", ">= 1"]),
-    (["--alpha", "-1"], ["--alpha", "> 0"]),
+    (["--partition", "dirichlet", "--alpha", "-1"], ["--alpha", "> 0"]),
+    (["--partition", "dirichlet", "--alpha", "inf"], ["--alpha", "finite number > 0", "'inf'"]),
     (["--strategy", "nope"], ["--strategy", "fedavg", "scaffold"]),
-    (["--mu", "-1"], ["--mu", ">= 0"]),
+    (["--strategy", "fedprox", "--mu", "-1"], ["--mu", ">= 0"]),
+    (["--strategy", "fedprox", "--mu", "inf"], ["--mu", "finite number >= 0", "'inf'"]),
     (["--mu", "0.1"], ["--mu", "'fedavg' does not take it", "no knobs"]),
+    (["--strategy", "fedadam", "--server-lr", "0"], ["--server-lr", "> 0"]),
+    (["--strategy", "scaffold", "--server-lr", "0"], ["--server-lr", "> 0"]),
+    (["--strategy", "fedavgm", "--server-lr", "nan"], ["--server-lr", "> 0", "'nan'"]),
     (["--partition", "dirichlet", "--beta", "0.5"], ["--beta", "takes --alpha, --min-size"]),
     (["--rounds", "0"], ["--rounds", ">= 1"]),
     (["--momentum", "1"], ["--momentum", "[0, 1)"]),
-    (["--lr", "nan"], ["--lr", "> 0"]),
+    (["--momentum", "nan"], ["--momentum", "[0, 1)", "'nan'"]),
+    (["--lr", "nan"], ["--lr", "> 0", "'nan'"]),
+    (["--lr", "inf"], ["--lr", "finite number > 0", "'inf'"]),
+    (["--lr=-inf"], ["--lr", "> 0", "'-inf'"]),
+    (["--weight-decay", "inf"], ["--weight-decay", ">= 0", "'inf'"]),
     (["--clients", "801"], ["--clients", "[1, 800]"]),  # checked by fed_helpers, after loading the data
     (["--partition", "classes", "--classes-per-client", "11"], ["--classes-per-client", "[1, 10]"]),
     (["--train-samples", "6001"], ["--train-samples", "[1, 6000]"]),
+    (["--deadline", "0"], ["--deadline", "> 0"]),
+    (["--deadline", "inf"], ["--deadline", "finite number > 0", "'inf'"]),
+    (["--min-clients", "0"], ["--min-clients", ">= 1"]),
+    (["--min-clients", "5"], ["--min-clients", "[1, 4]", "sampled per round"]),
+    (["--fraction", "0.5", "--min-clients", "3"], ["--min-clients", "[1, 2]"]),
+    (["--max-norm-ratio", "0.5"], ["--max-norm-ratio", ">= 1"]),
+    (["--max-norm-ratio", "nan"], ["--max-norm-ratio", ">= 1", "'nan'"]),
+    (["--crash", "1.5"], ["--crash", "[0, 1]"]),
+    (["--nan", "nan"], ["--nan", "[0, 1]", "'nan'"]),
+    (["--crash", "0.5", "--nan", "0.6"], ["--crash", "--nan", "add up to at most 1", "1.1"]),
+    (["--kill", "0.4", "--slow", "0.4", "--crash", "0.3", "--deadline", "9"], ["--kill", "--slow", "at most 1"]),
+    (["--slow", "0.2"], ["--slow", "--deadline"]),  # stragglers that never answer and no deadline
+    (["--slow-s", "1"], ["--slow-s", "--slow > 0"]),
+    (["--slow", "0.2", "--slow-s", "-1"], ["--slow-s", ">= 0"]),
+    (["--slow", "0.2", "--slow-s", "inf"], ["--slow-s", "finite number >= 0", "'inf'"]),
+    (["--executor", "gpu"], ["--executor", "in-process", "actor-pool"]),
+    (["--workers", "2"], ["--workers", "in-process executor does not take it", "actor-pool"]),
+    (["--chunk-size", "0"], ["--chunk-size", ">= 1"]),
+    (["--cpus", "2"], ["--cpus", "in-process executor does not take it"]),
 ]
 
 
 @pytest.mark.parametrize("extra, expected", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_flag_exits_2_naming_flag_and_range(extra, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        fedrun.main(["run", *TINY, "--no-ray", *extra, "--out", str(tmp_path / "o")])
+        fedrun.main(["run", *TINY, *NO_RAY, *extra, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert exc.value.code == 2
     last = err.strip().splitlines()[-1]
@@ -121,19 +276,34 @@ def test_bad_flag_exits_2_naming_flag_and_range(extra, expected, tmp_path, capsy
     assert not (tmp_path / "o").exists()  # failed before any training
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--executor", "ray-tasks", "--chunk-size", "4"], ["--chunk-size", "ray-tasks executor does not take it"]),
+    (["--executor", "actor-pool", "--cpus", "2", "--workers", "3"], ["--workers", "[1, 2]"]),
+    (["--executor", "actor-pool", "--no-ray"], ["--no-ray", "not allowed with --executor actor-pool"]),
+], ids=["chunk-size-on-tasks", "workers-over-cpus", "no-ray-and-pool"])
+def test_bad_executor_flags_exit_before_ray_starts(extra, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fh, "init_ray", lambda *a, **k: pytest.fail("Ray started before the flags were checked"))
+    with pytest.raises(SystemExit) as exc:
+        fedrun.main(["run", *TINY, *extra, "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and all(e in last for e in expected), last
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_config_values_are_refused(tmp_path, capsys):
     for content, expected in [({"fraction": 0}, ["--fraction", "(0, 1]"]), ({"nope": 1}, ["unknown key 'nope'"]),
-                              ({"no_ray": "yes"}, ["no_ray", "true or false"])]:
+                              ({"no_ray": "yes"}, ["no_ray", "true or false"]), ({"lr": float("nan")}, ["--lr"]),
+                              ({"deadline": float("inf")}, ["--deadline", "'inf'"])]:
         (tmp_path / "c.json").write_text(json.dumps(content))
         with pytest.raises(SystemExit) as exc:
-            fedrun.main(["run", "--config", str(tmp_path / "c.json"), "--no-ray"])
+            fedrun.main(["run", "--config", str(tmp_path / "c.json"), *NO_RAY])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and all(e in err for e in expected), err
 
 
 def test_library_errors_are_one_line_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:  # a ValueError from fed_helpers, not a traceback
-        fedrun.main(["run", "--dataset", "synthetic", "--clients", "6001", "--no-ray"])
+        fedrun.main(["run", "--dataset", "synthetic", "--clients", "6001", *NO_RAY])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fedrun: error: argument --clients: num_clients must be an integer in [1, 6000] (the number of "
@@ -151,11 +321,13 @@ def test_help_lists_every_choice_and_default(capsys):
         fedrun.main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
     assert exc.value.code == 0
-    for name in [*fh.STRATEGIES, *fh.PARTITIONERS, *fh.MODELS, *fh.DATASETS]:
+    for name in [*fh.STRATEGIES, *fh.PARTITIONERS, *fh.MODELS, *fh.DATASETS, *fedrun.EXECUTORS, *fh.FAULTS]:
         assert name in text
     for fragment in ["--clients CLIENTS number of clients", "(default: 10)", "(default: fedavg)",
                      "(default: fedprox 0.01)", "(default: fedavgm 1, fedadam 0.01, fedyogi 0.01, scaffold 1)",
-                     "a number in (0, 1] (default: 1.0)", "a number in [0, 1) (default: 0.0)"]:
+                     "a number in (0, 1] (default: 1.0)", "a number in [0, 1) (default: 0.0)",
+                     "(default: actor-pool)", "a finite number > 0 (default: None",
+                     "a number in [0, 1] (default: 0.0)"]:
         assert fragment in text
     _, subs = fedrun.build_parser()
     for action in subs["run"]._actions:
@@ -165,7 +337,7 @@ def test_help_lists_every_choice_and_default(capsys):
 
 def test_compare_tiny_grid_then_resume(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "800", "--no-ray", "--mu", "0.5",
+    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "800", *NO_RAY, "--mu", "0.5",
             "--strategies", "fedavg", "fedprox", "--splits", "iid", "dirichlet:0.5", "--seeds", "0",
             "--out", str(out)]
     assert fedrun.main(argv) == 0
@@ -181,23 +353,43 @@ def test_compare_tiny_grid_then_resume(tmp_path, capsys):
             rec = load_record(out / folder / strategy / "seed0")
             assert rec["config"]["strategy_knobs"] == ({"mu": 0.5} if strategy == "fedprox" else {})
             assert results["table"][strategy][split]["mean"] == rec["final_accuracy"]
+            assert checkpoint_round(out / folder / strategy / "seed0") == 1
             cells.append(f"{100 * rec['final_accuracy']:.2f} ± 0.00")
         assert any(line.startswith(f"| {strategy} |") and all(c in line for c in cells) for line in table.splitlines())
     assert load_record(out / "dirichlet-0.5" / "fedavg" / "seed0")["config"]["partition_knobs"]["alpha"] == 0.5
 
     kept = out / "iid" / "fedavg" / "seed0" / "history.json"
     mtime = kept.stat().st_mtime_ns
-    (out / "iid" / "fedprox" / "seed0" / "history.json").unlink()  # as if stopped during this run
+    (out / "iid" / "fedprox" / "seed0" / "history.json").unlink()  # as if stopped after its checkpoint
     assert fedrun.main(argv) == 0
     second = capsys.readouterr().out
-    assert second.count("skip ") == 3 and second.count("done ") == 1 and "done iid fedprox seed0" in second
+    assert second.count("skip ") == 3 and second.count("done ") == 1
+    assert "done iid fedprox seed0" in second and "(resumed after round 1)" in second
     assert kept.stat().st_mtime_ns == mtime and (out / "table.md").read_text() == table
+
+    argv[argv.index("--rounds") + 1] = "2"  # more rounds: every run continues from its checkpoint
+    assert fedrun.main(argv) == 0
+    assert capsys.readouterr().out.count("(resumed after round 1)") == 4
+    assert [h["round"] for h in load_record(out / "iid" / "fedavg" / "seed0")["history"]] == [1, 2]
+
+
+def test_compare_restarts_a_run_whose_checkpoint_has_other_settings(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "400", *NO_RAY, "--strategies", "fedavg",
+            "--splits", "iid", "--seeds", "0", "--out", str(out)]
+    assert fedrun.main(argv) == 0
+    (out / "iid" / "fedavg" / "seed0" / "history.json").unlink()
+    assert fedrun.main([*argv, "--lr", "0.2"]) == 0
+    text = capsys.readouterr().out
+    assert "restart iid fedavg seed0: checkpoint" in text and "config differ" in text
+    rec = load_record(out / "iid" / "fedavg" / "seed0")
+    assert rec["config"]["lr"] == 0.2 and rec["resumed_after"] == 0
 
 
 def test_compare_strategy_specs_set_knobs_for_one_strategy_alone(tmp_path, capsys):
     """--server-lr would also change SCAFFOLD's server step: NAME:KNOB=VALUE sets it for one strategy."""
     out = tmp_path / "cmp"
-    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "400", "--no-ray", "--mu", "0.5",
+    argv = ["compare", *TINY[:6], "--rounds", "1", "--train-samples", "400", *NO_RAY, "--mu", "0.5",
             "--strategies", "scaffold", "fedadam:server_lr=0.03,beta1=0.5", "fedprox:mu=0.2", "--splits", "iid",
             "--seeds", "0", "--out", str(out)]
     assert fedrun.main(argv) == 0
@@ -208,7 +400,8 @@ def test_compare_strategy_specs_set_knobs_for_one_strategy_alone(tmp_path, capsy
     prox = load_record(out / "iid" / "fedprox-mu=0.2" / "seed0")["config"]
     assert prox["strategy_knobs"] == {"mu": 0.2}  # the spec beats the --mu flag
     assert "| fedadam:server_lr=0.03,beta1=0.5 |" in (out / "table.md").read_text()
-    for bad, expected in [("fedadam:mu=0.1", "mu=0.1"), ("fedprox:mu=-1", ">= 0"), ("nope", "one of")]:
+    for bad, expected in [("fedadam:mu=0.1", "mu=0.1"), ("fedprox:mu=-1", ">= 0"), ("nope", "one of"),
+                          ("fedadam:server_lr=0", "> 0"), ("fedadam:server_lr=inf", "'inf'")]:
         with pytest.raises(SystemExit) as exc:
             fedrun.main([*argv[:-6], "--strategies", bad, "--splits", "iid", "--out", str(tmp_path / "bad")])
         err = capsys.readouterr().err

@@ -1218,8 +1218,9 @@ class FedAdam(FedAvg):
 
 
 class FedYogi(FedAdam):
-    """Reddi et al. (2021): FedAdam with Yogi's second moment, which grows or shrinks v
-    by at most (1 - beta2) * delta^2 per round, so one large update cannot inflate it.
+    """Reddi et al. (2021): FedAdam with Yogi's second moment, which moves v toward delta^2 by
+    (1 - beta2) * delta^2 per round. After large updates Adam's v decays by a factor beta2 a round;
+    Yogi's falls only as fast as the new updates are large, so its steps do not suddenly grow.
     Introduced in 06_client_drift.
     """
 
@@ -1257,7 +1258,7 @@ class ClientStateStore:
         np.save(tmp, value)
         os.replace(tmp, self.path(cid))
 
-    def clear(self) -> ClientStateStore:
+    def clear(self) -> "ClientStateStore":
         """Delete every client's state; returns the (now empty) store."""
         for f in self.folder.glob("client_*.npy"):
             f.unlink()

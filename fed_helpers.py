@@ -1343,6 +1343,8 @@ class ClientTrainer:
         torch.set_num_threads(1)
         self.x_all, self.y_all = x_all, y_all  # zero-copy views of the object store
         self.model, self.client = make_model(model_name), client
+        # A process's first SGD step imports much of torch (seconds): take it now, while the actor starts.
+        train_local(self.model, torch.tensor(x_all[:1]), torch.tensor(y_all[:1]))  # (copies: views are read-only)
 
     def train(self, weights: np.ndarray, jobs: list[ClientJob], cfg: TrainConfig) -> list[ClientResult]:
         """Run each job of the chunk, one after another (a job past its deadline is late at once)."""

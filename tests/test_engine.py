@@ -284,11 +284,6 @@ def test_min_clients_keeps_the_model(task):
 # ----------------------------------------------------------------------------
 
 
-def send_global(new_w: np.ndarray, global_w: np.ndarray, job: fh.ClientJob) -> np.ndarray:
-    """A transform that throws the client's training away: every client sends the global weights back."""
-    return global_w
-
-
 def half_step(new_w: np.ndarray, global_w: np.ndarray, job: fh.ClientJob) -> np.ndarray:
     """A transform that halves the client's update."""
     return global_w + np.float32(0.5) * (new_w - global_w)
@@ -298,6 +293,11 @@ def half_step(new_w: np.ndarray, global_w: np.ndarray, job: fh.ClientJob) -> np.
 def test_a_transform_that_sends_the_global_weights_makes_the_round_a_no_op(request, task, executor):
     if executor != "in-process":
         request.getfixturevalue("ray_cluster")  # there the transform runs in the Ray worker, with the client
+
+    def send_global(new_w, global_w, job):  # defined here, so that Ray ships it by value (not by module)
+        """Throw the client's training away: every client sends the global weights back."""
+        return global_w
+
     model, history = run(task, transform=send_global, executor=EXECUTORS[executor]())
     assert torch.equal(flat(model), untrained(task))
     assert all(h["aggregated"] and h["drift"] == 0.0 and math.isfinite(h["train_loss"]) for h in history)

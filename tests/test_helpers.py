@@ -1,7 +1,9 @@
-"""Unit tests for every helper in fed_helpers.py.
+"""Unit tests for the helpers of notebooks 01-04 (models, data, local training, Ray tasks and
+weighted FedAvg) and the small helpers of 05 (client sampling, seeds, plots). The round engine
+has its own file, test_engine.py; strategies, the actor pool and failures theirs.
 
 Expected values are computed here by hand or from first principles, never copied from a
-run. Loop tests use the 6,000-sample synthetic dataset and small models; Fashion-MNIST is
+run. Training tests use the 6,000-sample synthetic dataset and small models; Fashion-MNIST is
 only loaded where loading is what is tested. Ray is started once, by the session fixture
 `ray_cluster`, and only for the tests that ask for it (they are at the end of the file).
 """
@@ -16,14 +18,12 @@ import shutil
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-import ray
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import same_weights
 
 import fed_helpers as fh
-
-HISTORY_KEYS = {"round", "accuracy", "loss", "train_loss", "clients", "seconds", "bytes_sent"}
 
 
 def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,7 +31,7 @@ def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Bit-identical: same keys, and torch.equal on every tensor."""
+    """Two state dicts (not models: for those, conftest's `same_weights`) are bit-identical."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -81,7 +81,7 @@ def test_count_parameters_matches_layer_arithmetic():
 @pytest.mark.parametrize("name", sorted(fh.MODELS))
 def test_make_model_seeded(name):
     a, b = fh.make_model(name, seed=7), fh.make_model(name, seed=7)
-    assert states_equal(a.state_dict(), b.state_dict())
+    assert same_weights(a, b)
     c = fh.make_model(name, seed=8)
     assert not any(torch.equal(a.state_dict()[k], c.state_dict()[k])
                    for k in a.state_dict() if k.endswith("weight"))
@@ -120,10 +120,10 @@ def test_state_dict_bytes_other_dtypes():
 
 def test_load_weights_copies_values():
     src, dst = fh.make_model("simple", seed=1), fh.make_model("simple", seed=2)
-    assert not states_equal(src.state_dict(), dst.state_dict())
+    assert not same_weights(src, dst)
     returned = fh.load_weights(dst, src.state_dict())
     assert returned is dst
-    assert states_equal(dst.state_dict(), src.state_dict())
+    assert same_weights(dst, src)
 
 
 def test_load_weights_rejects_other_model():
@@ -559,7 +559,8 @@ def test_train_local_seeded(synthetic_train):
 
 
 @pytest.mark.parametrize(("knob", "value"), [("epochs", 0), ("epochs", 1.5), ("batch_size", 0),
-                                             ("batch_size", -4), ("lr", 0), ("lr", -0.1)])
+                                             ("batch_size", -4), ("lr", 0), ("lr", -0.1), ("lr", float("nan")),
+                                             ("lr", float("inf")), ("lr", -math.inf)])
 def test_train_local_bad_knobs(synthetic_train, knob, value):
     model = fh.make_model("simple")
     before = clone_state(model.state_dict())
@@ -755,123 +756,8 @@ def test_client_seed():
 
 
 # ----------------------------------------------------------------------------
-# 05_round_loop: run_federated (the Ray tests come last, after the no-Ray checks)
+# 05_round_loop: plots (the engine itself is tested in test_engine.py)
 # ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def iid_parts(synthetic_train):
-    return fh.partition_iid(synthetic_train[1].numpy(), 6, seed=0)
-
-
-@pytest.fixture(scope="module")
-def skewed_parts(synthetic_train):
-    """Very different client sizes, so Ray's clients finish out of id order."""
-    parts = fh.partition_quantity_skew(synthetic_train[1].numpy(), 8, beta=0.3, min_size=20, seed=1)
-    s = sizes(parts)
-    assert s.max() > 10 * s.min()
-    return parts
-
-
-@pytest.mark.parametrize(
-    ("knobs", "match"),
-    [
-        ({"client_fraction": 0}, "client_fraction"),
-        ({"client_fraction": -0.1}, "client_fraction"),
-        ({"client_fraction": 1.5}, "client_fraction"),
-        ({"rounds": 0}, "rounds"),
-        ({"local_epochs": 0}, "epochs"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"lr": 0}, "lr"),
-        ({"model_name": "resnet"}, "model"),
-        ({"partitions": []}, "partitions"),
-        ({"partitions": [np.arange(5), np.arange(0)]}, "partitions"),
-    ],
-    ids=["fraction=0", "fraction=-0.1", "fraction=1.5", "rounds=0", "epochs=0", "batch_size=0", "lr=0",
-         "unknown-model", "no-partitions", "empty-partition"],
-)
-def test_run_federated_bad_knobs_raise_before_any_work(
-    monkeypatch, synthetic_train, synthetic_test, iid_parts, knobs, match
-):
-    """Validation comes first: no Ray started, no client trained, for a use_ray=True run."""
-    ray_was_running = ray.is_initialized()
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("run_federated did work before validating its knobs")
-
-    monkeypatch.setattr(fh, "init_ray", must_not_run)
-    monkeypatch.setattr(fh, "client_update", must_not_run)
-    args = {"model_name": "simple", "partitions": iid_parts, **knobs}
-    with pytest.raises(ValueError, match=match):
-        fh.run_federated(args.pop("model_name"), synthetic_train, synthetic_test, args.pop("partitions"),
-                         use_ray=True, progress=False, **args)
-    assert ray.is_initialized() == ray_was_running
-
-
-def test_run_federated_history_and_learning(synthetic_train, synthetic_test, iid_parts):
-    calls = []
-    model, history = fh.run_federated(
-        "simple", synthetic_train, synthetic_test, iid_parts, rounds=3, lr=0.1, seed=0,
-        use_ray=False, progress=False, on_round=lambda h: calls.append([dict(row) for row in h]),
-    )
-    assert isinstance(model, fh.SimpleNN)
-    assert len(history) == 3
-    assert [row["round"] for row in history] == [1, 2, 3]
-    state_bytes = fh.state_dict_bytes(model.state_dict())
-    for row in history:
-        assert set(row) == HISTORY_KEYS
-        assert row["clients"] == len(iid_parts)
-        assert row["bytes_sent"] == 2 * row["clients"] * state_bytes
-        assert 0.0 <= row["accuracy"] <= 1.0
-        assert row["seconds"] >= 0
-        assert math.isfinite(row["loss"]) and math.isfinite(row["train_loss"])
-    # the history's last row describes the returned model
-    last = (history[-1]["loss"], history[-1]["accuracy"])
-    assert last == pytest.approx(fh.evaluate(model, *synthetic_test))
-    assert history[-1]["accuracy"] > 0.2  # chance is 0.1
-    assert history[-1]["loss"] < history[0]["loss"]
-    untrained_loss, _ = fh.evaluate(fh.make_model("simple", seed=0), *synthetic_test)
-    assert history[0]["loss"] < untrained_loss
-    # on_round: once per round, with the history so far
-    assert [len(h) for h in calls] == [1, 2, 3]
-    assert calls[-1] == history
-
-
-def test_run_federated_one_round_is_fedavg_of_client_updates(synthetic_train, synthetic_test, skewed_parts):
-    """One round by hand: the sampled clients' client_update, averaged by sample count."""
-    kw = {"local_epochs": 1, "batch_size": 32, "lr": 0.05}
-    model, history = fh.run_federated("simple", synthetic_train, synthetic_test, skewed_parts, rounds=1,
-                                      client_fraction=0.5, seed=4, use_ray=False, progress=False, **kw)
-    x_all, y_all = synthetic_train[0].numpy(), synthetic_train[1].numpy()
-    start = fh.make_model("simple", seed=4).state_dict()
-    clients = fh.sample_clients(len(skewed_parts), 0.5, seed=4, round_idx=1)
-    results = [fh.client_update(start, x_all, y_all, skewed_parts[k], "simple", kw["local_epochs"],
-                                kw["batch_size"], kw["lr"], fh.client_seed(4, 1, k)) for k in clients]
-    expected = fh.fedavg([r[0] for r in results], [r[1] for r in results])
-    assert states_equal(model.state_dict(), expected)
-    assert history[0]["clients"] == len(clients) == round(0.5 * len(skewed_parts))
-    n = sum(r[1] for r in results)
-    assert history[0]["train_loss"] == pytest.approx(sum(r[1] * r[2] for r in results) / n)
-
-
-def test_run_federated_partial_participation_counts(synthetic_train, synthetic_test, skewed_parts):
-    model, history = fh.run_federated("simple", synthetic_train, synthetic_test, skewed_parts, rounds=2,
-                                      client_fraction=0.25, seed=1, use_ray=False, progress=False)
-    expected = max(1, round(0.25 * len(skewed_parts)))
-    state_bytes = fh.state_dict_bytes(model.state_dict())
-    assert [row["clients"] for row in history] == [expected, expected]
-    assert all(row["bytes_sent"] == 2 * expected * state_bytes for row in history)
-
-
-def test_run_federated_seeds(synthetic_train, synthetic_test, skewed_parts):
-    def final(seed):
-        model, _ = fh.run_federated("simple", synthetic_train, synthetic_test, skewed_parts, rounds=1,
-                                    client_fraction=0.5, seed=seed, use_ray=False, progress=False)
-        return model.state_dict()
-
-    a = final(0)
-    assert states_equal(a, final(0))
-    assert not states_equal(a, final(1))
 
 
 def test_plot_history():
@@ -928,22 +814,3 @@ def test_client_update_remote_matches_local(ray_cluster, synthetic_train):
     assert n == n_local == len(indices)
     assert loss == loss_local
     assert states_equal(remote_state, local_state)
-
-
-@pytest.mark.parametrize("case", ["iid-all-clients", "quantity-skew-half-the-clients"])
-def test_run_federated_ray_equals_local(ray_cluster, synthetic_train, synthetic_test, iid_parts,
-                                        skewed_parts, case):
-    """Same seed: Ray and the plain loop give bit-identical weights and the same history,
-    even when clients of very different sizes finish out of order on Ray."""
-    parts, fraction = (iid_parts, 1.0) if case.startswith("iid") else (skewed_parts, 0.5)
-    kw = {"rounds": 3, "client_fraction": fraction, "lr": 0.1, "seed": 3, "progress": False}
-    local_model, local_hist = fh.run_federated("simple", synthetic_train, synthetic_test, parts,
-                                               use_ray=False, **kw)
-    ray_model, ray_hist = fh.run_federated("simple", synthetic_train, synthetic_test, parts,
-                                           use_ray=True, **kw)
-    assert states_equal(ray_model.state_dict(), local_model.state_dict())
-    strip = lambda hist: [{k: v for k, v in row.items() if k != "seconds"} for row in hist]
-    assert strip(ray_hist) == strip(local_hist)
-    other_model, _ = fh.run_federated("simple", synthetic_train, synthetic_test, parts,
-                                      use_ray=True, **{**kw, "seed": 4})
-    assert not states_equal(other_model.state_dict(), ray_model.state_dict())

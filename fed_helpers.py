@@ -1560,9 +1560,11 @@ def screen_updates(results: list[ClientResult], global_w: torch.Tensor, max_norm
 
 def server_state(strategy: FedAvg) -> dict[str, torch.Tensor | None]:
     """What a strategy has learned on the server (its tensors, e.g. momentum or control
-    variates), as saved in a checkpoint; its knobs are not state. Introduced in 08_when_clients_fail.
+    variates; None before the first round), as saved in a checkpoint; its knobs, what its
+    constructor takes, are not state. Introduced in 08_when_clients_fail.
     """
-    return {k: v for k, v in vars(strategy).items() if v is None or isinstance(v, torch.Tensor)}
+    knobs = inspect.signature(type(strategy).__init__).parameters
+    return {k: v for k, v in vars(strategy).items() if k not in knobs and (v is None or isinstance(v, torch.Tensor))}
 
 
 class RoundStore(ClientStateStore):

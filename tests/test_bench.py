@@ -1,7 +1,8 @@
 """Smoke test for benchmarks/bench.py: the quick run works end to end and writes sane JSON.
 
-No assertions on timings: test machines are shared and noisy. The one hard property
-checked is that the Ray engine and the compute floor give bit-identical weights.
+No assertions on timings: test machines are shared and noisy. The hard property checked is
+that every engine (the in-process floor, the minimal Ray-tasks baseline written in bench.py,
+the actor pool and the engine's Ray tasks) gives bit-identical weights, in every repeat.
 """
 
 from __future__ import annotations
@@ -14,50 +15,80 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
-ENGINE_KEYS = {"per_round_s", "rounds_s", "first_update_s", "total_s", "peak_total_mb", "peak_private_mb",
-               "accuracy", "checksum", "ray_init_s", "sampled", "clients", "tree_cores", "other_cores"}
-POSITIVE = ["per_round_s", "first_update_s", "total_s", "peak_total_mb", "peak_private_mb", "peak_pss_mb"]
+W1_ENGINES = ["floor", "minimal", "pool", "tasks"]
+RUN_KEYS = {"per_round_s", "rounds_s", "start_s", "first_round_s", "total_s", "evaluate_s", "cpu_per_round_s",
+            "peak_total_mb", "peak_private_mb", "peak_pss_mb", "accuracy", "checksum", "ray_init_s", "sampled",
+            "clients", "repeat", "tree_cores", "other_cores"}
+POSITIVE = ["per_round_s", "first_round_s", "total_s", "evaluate_s", "peak_total_mb", "peak_private_mb",
+            "peak_pss_mb"]
+CPU_GROUPS = {"workers", "driver main", "driver other", "ray daemons", "sampler"}
 
 
-def assert_engine(figures: dict, engine: str) -> None:
-    assert ENGINE_KEYS <= figures.keys(), ENGINE_KEYS - figures.keys()
+def assert_run(figures: dict, engine: str, rounds: int) -> None:
+    """One configuration's figures are complete and sane."""
+    assert RUN_KEYS <= figures.keys(), RUN_KEYS - figures.keys()
     assert figures["engine"] == engine
     for key in POSITIVE:
         assert math.isfinite(figures[key]) and figures[key] > 0, (engine, key, figures[key])
-    assert figures["total_s"] >= figures["first_update_s"]
+    assert figures["start_s"] >= 0 and len(figures["rounds_s"]) == rounds
+    assert figures["total_s"] >= sum(figures["rounds_s"])
     assert 0 <= figures["accuracy"] <= 1
     assert len(figures["checksum"]) == 12 and int(figures["checksum"], 16) >= 0
+    cpu = figures["cpu_per_round_s"]
+    assert set(cpu) == CPU_GROUPS and all(math.isfinite(v) for v in cpu.values())
+    if engine == "floor":
+        assert figures["ray_init_s"] is None and cpu["workers"] == 0  # no Ray: the driver trains
+    else:
+        assert cpu["workers"] > 0, (engine, cpu)  # the clients trained in Ray workers
 
 
 def test_quick_benchmark(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for text in ["W1 classroom", "W2 scale", "Targets", "bit-identical", "ray.init", "machine:", "Ray/floor"]:
+    for text in ["W1 classroom", "W2 scale", "Targets", "bit-identical", "ray.init", "machine:", "software:",
+                 "other work", "private MB", "PSS", "min-tasks", "pool/min", "pool/floor", "CPU s per round"]:
         assert text in proc.stdout, text
 
     result = json.loads(out.read_text())
-    assert {"machine", "W1", "W2", "targets", "ray_init_s", "wall_s"} <= result.keys()
+    assert {"machine", "W1", "W2", "targets", "ray_init_s", "wall_s", "repeats", "engines"} <= result.keys()
     assert result["machine"]["cpus"] >= 1 and result["machine"]["ram_gb"] > 0
     assert result["ray_init_s"] and all(s > 0 for s in result["ray_init_s"])
 
-    w1 = result["W1"]
-    assert_engine(w1["floor"], "floor")
-    assert_engine(w1["ray"], "ray")
-    assert w1["per_round_ratio"] > 0 and w1["total_ratio"] > 0 and w1["first_update_s"] > 0
-    assert len(w1["ray"]["rounds_s"]) == w1["config"]["rounds"]
-    assert w1["floor"]["checksum"] == w1["ray"]["checksum"] and w1["bit_identical"] is True
+    w1, repeats = result["W1"], result["repeats"]
+    assert repeats >= 2 and list(w1["engines"]) == W1_ENGINES
+    assert len(w1["runs"]) == repeats * len(W1_ENGINES)
+    for run in w1["runs"]:
+        assert_run(run, run["engine"], w1["config"]["rounds"])
+    assert sorted((r["engine"], r["repeat"]) for r in w1["runs"]) == sorted(
+        (e, rep) for e in W1_ENGINES for rep in range(repeats))
+    for engine, summary in w1["engines"].items():
+        assert summary["repeats"] == repeats and summary["per_round_s"] > 0, engine
+    # the three engines the targets compare (and the engine's RayTasks): the same bits, every repeat
+    assert len({r["checksum"] for r in w1["runs"]}) == 1 and w1["bit_identical"] is True
+    for pair in ["pool/minimal", "pool/floor"]:
+        r = w1["per_round_ratios"][pair]
+        assert len(r["values"]) == repeats and all(v > 0 and math.isfinite(v) for v in r["values"]), pair
+        assert r["min"] <= r["median"] <= r["max"], pair
+        by = {(x["engine"], x["repeat"]): x["per_round_s"] for x in w1["runs"]}
+        a, b = pair.split("/")
+        assert r["values"] == [by[(a, rep)] / by[(b, rep)] for rep in range(repeats)], pair  # paired
 
     sizes = result["W2"]["sizes"]
     assert [s["clients"] for s in sizes] == result["W2"]["config"]["sizes"] and len(sizes) >= 2
     for s in sizes:
-        assert_engine(s["floor"], "floor")
-        assert_engine(s["ray"], "ray")
+        for run in s["runs"]:
+            assert_run(run, run["engine"], result["W2"]["config"]["rounds"])
+        assert {r["engine"] for r in s["runs"]} == {"floor", "pool"}
         assert s["sampled"] == result["W2"]["config"]["sampled"]
         assert math.isfinite(s["overhead_ms_per_client"])  # may be negative when parallelism wins
-        assert s["floor"]["checksum"] == s["ray"]["checksum"] and s["bit_identical"] is True, s["clients"]
+        assert len({r["checksum"] for r in s["runs"]}) == 1 and s["bit_identical"] is True, s["clients"]
 
+    names = [t["name"] for t in result["targets"]]
+    assert any("pool/min-tasks" in n for n in names) and any("pool/floor" in n for n in names)
     assert result["targets"] and all({"name", "target", "measured", "pass"} <= t.keys() for t in result["targets"])
     for t in result["targets"]:
         assert ("PASS" if t["pass"] else "MISS") in proc.stdout
+        if "bit-identical" in t["name"]:
+            assert t["pass"], t

@@ -1,5 +1,6 @@
-"""The local-training knobs that notebook 06 added to train_local (03_local_training):
-momentum, weight_decay and grad_hook, their checks, and local_steps."""
+"""The local-training knobs of train_local (03_local_training): momentum, weight_decay and
+grad_hook, their checks (NaN and +-inf refused by name), local_steps, and how the engine's
+TrainConfig carries them to every client (train_client, 05_round_loop)."""
 
 from __future__ import annotations
 
@@ -113,15 +114,22 @@ def test_local_steps_by_hand(n, epochs, batch_size, steps):
 
 
 @pytest.mark.parametrize(("knob", "value", "match"), [
-    ("momentum", -0.1, r"momentum must be in \[0, 1\), got -0.1"),
-    ("momentum", 1.0, r"momentum must be in \[0, 1\), got 1.0"),
-    ("momentum", float("nan"), r"momentum must be in \[0, 1\)"),
-    ("weight_decay", -1, r"weight_decay must be >= 0, got -1"),
-    ("weight_decay", -1e-9, r"weight_decay must be >= 0"),
+    ("momentum", -0.1, r"momentum must be a finite number in \[0, 1\), got -0.1"),
+    ("momentum", 1.0, r"momentum must be a finite number in \[0, 1\), got 1.0"),
+    ("momentum", float("nan"), r"momentum must be a finite number in \[0, 1\), got nan"),
+    ("momentum", float("inf"), r"momentum must be a finite number in \[0, 1\), got inf"),
+    ("weight_decay", -1, r"weight_decay must be a finite number in \[0, inf\), got -1"),
+    ("weight_decay", -1e-9, r"weight_decay must be a finite number in \[0, inf\)"),
+    ("weight_decay", float("nan"), r"weight_decay must be a finite number in \[0, inf\), got nan"),
+    ("weight_decay", float("inf"), r"weight_decay must be a finite number in \[0, inf\), got inf"),
+    ("lr", float("nan"), r"lr must be a finite number in \(0, inf\), got nan"),
+    ("lr", float("inf"), r"lr must be a finite number in \(0, inf\), got inf"),
+    ("momentum", True, r"momentum must be a finite number in \[0, 1\), got True"),  # a bool is not a number
+    ("weight_decay", "0.1", r"weight_decay must be a finite number"),
 ])
 def test_check_training_knobs_rejects(small, knob, value, match):
     with pytest.raises(ValueError, match=match):
-        fh.check_training_knobs(1, 32, 0.05, **{knob: value})
+        fh.check_training_knobs(**{"epochs": 1, "batch_size": 32, "lr": 0.05, knob: value})
     model = fh.make_model("simple", 0)
     w0 = fh.flat_weights(model)
     with pytest.raises(ValueError, match=match):
@@ -132,3 +140,20 @@ def test_check_training_knobs_rejects(small, knob, value, match):
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.99, 0.0), (0.5, 1.0), (np.float64(0.9), 0)])
 def test_check_training_knobs_accepts(momentum, weight_decay):
     assert fh.check_training_knobs(1, 32, 0.05, momentum, weight_decay) is None
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.5, 0.1)])
+def test_train_client_trains_with_the_config_knobs(synthetic_train, momentum, weight_decay):
+    """The knobs travel in one TrainConfig, not by position: train_client is train_local with them."""
+    cfg = fh.TrainConfig("simple", epochs=2, batch_size=16, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    x_all, y_all = synthetic_train[0].numpy(), synthetic_train[1].numpy()
+    job = fh.ClientJob(cid=3, round=1, indices=np.arange(5, 600, 7), seed=11)
+    w0 = fh.flat_weights(fh.make_model("simple", 4))
+    result = fh.train_client(fh.make_model("simple", 9), w0.numpy(), x_all, y_all, job, cfg)  # its weights: replaced
+    with fh.torch_threads(1):
+        ref = fh.make_model("simple", 4)
+        losses = fh.train_local(ref, torch.from_numpy(x_all[job.indices]), torch.from_numpy(y_all[job.indices]),
+                                2, 16, 0.05, 11, momentum, weight_decay)
+    assert torch.equal(torch.from_numpy(result.weights), fh.flat_weights(ref))
+    assert (result.cid, result.num_samples, result.loss, result.status) == (3, len(job.indices), losses[-1], "ok")
+    assert result.weights.dtype == np.float32

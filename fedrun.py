@@ -499,7 +499,8 @@ def run_one(cfg: dict, prepared: tuple, out: Path, runtime: dict, progress: bool
             tqdm.write(round_line(history[-1], cfg["rounds"]))
 
     start = time.perf_counter()
-    model, history = fh.run_rounds(task, cfg["rounds"], strategy, make_executor(runtime), policy,
+    executor = make_executor(runtime) if done < cfg["rounds"] else fh.InProcess()  # finished: nothing to train
+    model, history = fh.run_rounds(task, cfg["rounds"], strategy, executor, policy,
                                    checkpoint=fh.Checkpointer(out), callbacks=[on_round], progress=progress)
     best = max(history, key=lambda h: h["accuracy"])
     record = {"config": cfg, "history": history, "final_accuracy": history[-1]["accuracy"],
@@ -635,15 +636,15 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out)
             cfg = experiment_config(args, args.partition, args.strategy, args.seed)
             prepared = prepare(cfg, subset(cfg, load_data(args.dataset, args.data_dir)))
-            if not args.restart:
-                try:
-                    checkpointed_rounds(out, cfg, prepared)
-                except ValueError as err:
-                    raise UsageError(f"argument --out: {str(err).replace('run_dir', '--out')}; or --restart "
-                                     "to start this run afresh") from None
+            try:
+                done = 0 if args.restart else checkpointed_rounds(out, cfg, prepared)
+            except ValueError as err:
+                raise UsageError(f"argument --out: {str(err).replace('run_dir', '--out')}; or --restart "
+                                 "to start this run afresh") from None
         else:
             plan = plan_compare(args)
-        started_ray = runtime["executor"] != "in-process" and start_ray(args.cpus)
+        needs_ray = runtime["executor"] != "in-process" and (args.command == "compare" or done < cfg["rounds"])
+        started_ray = needs_ray and start_ray(args.cpus)
         if args.command == "compare":
             compare(args, plan, runtime)
             return 0

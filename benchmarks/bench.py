@@ -276,10 +276,11 @@ class RoundCPU:
 
 
 class Timed:
-    """An executor wrapper that times `start` (the engine's set-up: data put, actors started)."""
+    """An executor wrapper that times `start` (the engine's set-up: data put, actors started) and
+    each round's `run` (the clients' jobs, from the first sent to the last answer back)."""
 
     def __init__(self, inner):
-        self.inner, self.name, self.start_s = inner, inner.name, 0.0
+        self.inner, self.name, self.start_s, self.run_s = inner, inner.name, 0.0, []
 
     def start(self, *args) -> None:
         t = time.perf_counter()
@@ -287,7 +288,10 @@ class Timed:
         self.start_s = time.perf_counter() - t
 
     def run(self, *args):
-        return self.inner.run(*args)
+        t = time.perf_counter()
+        out = self.inner.run(*args)
+        self.run_s.append(time.perf_counter() - t)
+        return out
 
     def stop(self) -> None:
         self.inner.stop()
@@ -341,6 +345,8 @@ def minimal_rounds(task: fh.FedTask, rounds: int, callback=None, timer: Timed | 
         clients = fh.sample_clients(len(task.partitions), task.client_fraction, task.seed, rnd)
         outs = ray.get([minimal_client.remote(w_ref, x_ref, y_ref, task.partitions[k],
                                               fh.client_seed(task.seed, rnd, int(k)), cfg) for k in clients])
+        if timer is not None:
+            timer.run_s.append(time.perf_counter() - t)
         sizes = np.array([n for n, _, _ in outs], dtype=np.float64)
         avg = torch.zeros(len(w), dtype=torch.float64)
         for (_, _, weights), c in zip(outs, sizes / sizes.sum()):
@@ -422,6 +428,10 @@ def run_one(workload: str, engine: str, clients: int, quick: bool, repeat: int =
         fh.evaluate = fh.evaluate.original
     rounds_s = [h["seconds"] for h in history]
     per_cpu = cpu.per_round()
+    later = slice(1, None) if len(rounds_s) > 1 else slice(None)  # rounds 2.. (round 1 pays the start-up)
+    clients_s = statistics.median(timer.run_s[later])
+    evaluate_s = statistics.median(evals[later])
+    rest_s = statistics.median(r - c - e for r, c, e in zip(rounds_s[later], timer.run_s[later], evals[later]))
     return {
         "workload": workload,
         "engine": engine,
@@ -433,7 +443,9 @@ def run_one(workload: str, engine: str, clients: int, quick: bool, repeat: int =
         "start_s": timer.start_s,  # the executor's start: data put, actors started and ready
         "first_round_s": rounds_s[0],
         "total_s": total_s,
-        "evaluate_s": statistics.median(evals[1:] or evals),  # the driver's test-set pass, per round
+        "clients_s": clients_s,  # of a round: the clients' jobs (executor.run: first sent to last answer)
+        "evaluate_s": evaluate_s,  # of a round: the driver's test-set pass
+        "server_s": rest_s,  # of a round: the rest (sampling, aggregation, strategy, history row)
         "cpu_per_round_s": per_cpu,  # rounds 2..: CPU seconds per part of the tree
         "peak_total_mb": mon.peak_rss / MB,
         "peak_private_mb": mon.peak_uss / MB,
@@ -509,8 +521,8 @@ def spread(values: list[float]) -> dict:
 def engine_summary(runs: list[dict]) -> dict:
     """One engine's figures over its repeats: the median of each number, the max of each peak."""
     med = {k: statistics.median(r[k] for r in runs) for k in
-           ("per_round_s", "start_s", "first_round_s", "total_s", "evaluate_s", "tree_cores", "other_cores",
-            "sampler_cpu_s", "accuracy")}
+           ("per_round_s", "start_s", "first_round_s", "total_s", "clients_s", "evaluate_s", "server_s",
+            "tree_cores", "other_cores", "sampler_cpu_s", "accuracy")}
     peaks = {k: max(r[k] for r in runs) for k in ("peak_total_mb", "peak_private_mb", "peak_pss_mb",
                                                    "peak_processes")}
     cpu = {g: statistics.median(r["cpu_per_round_s"][g] for r in runs) for g in CPU_GROUPS}
@@ -642,7 +654,9 @@ def table(result: dict) -> str:
         row("engine start s (data put, workers ready)", fig("start_s", ".2f")),
         row("round 1 s", fig("first_round_s", ".2f")),
         row("total s (start + all rounds)", fig("total_s", ".2f")),
+        row("  of a round: clients' jobs s (executor.run)", fig("clients_s", ".3f")),
         row("  of a round: test-set evaluation s", fig("evaluate_s", ".3f")),
+        row("  of a round: the rest s (aggregate, history)", fig("server_s", ".3f")),
         f"  CPU s per round (rounds 2..{rounds}), by part of the process tree:",
     ]
     for g in CPU_GROUPS:

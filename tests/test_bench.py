@@ -16,10 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
 W1_ENGINES = ["floor", "minimal", "pool", "tasks"]
-RUN_KEYS = {"per_round_s", "rounds_s", "start_s", "first_round_s", "total_s", "evaluate_s", "cpu_per_round_s",
-            "peak_total_mb", "peak_private_mb", "peak_pss_mb", "accuracy", "checksum", "ray_init_s", "sampled",
-            "clients", "repeat", "tree_cores", "other_cores"}
-POSITIVE = ["per_round_s", "first_round_s", "total_s", "evaluate_s", "peak_total_mb", "peak_private_mb",
+RUN_KEYS = {"per_round_s", "rounds_s", "start_s", "first_round_s", "total_s", "clients_s", "evaluate_s",
+            "server_s", "cpu_per_round_s", "peak_total_mb", "peak_private_mb", "peak_pss_mb", "accuracy", "checksum",
+            "ray_init_s", "sampled", "clients", "repeat", "tree_cores", "other_cores"}
+POSITIVE = ["per_round_s", "first_round_s", "total_s", "clients_s", "evaluate_s", "peak_total_mb", "peak_private_mb",
             "peak_pss_mb"]
 CPU_GROUPS = {"workers", "driver main", "driver other", "ray daemons", "sampler"}
 

@@ -149,7 +149,8 @@ def test_rerun_continues_with_more_rounds_and_finished_runs_do_not_train(cli_run
     assert more["resumed_after"] == 2 and more["weights_sha256"] == three["weights_sha256"]
     assert without_timing(more["history"]) == without_timing(three["history"])
     monkeypatch.setattr(fh, "train_client", lambda *a, **k: pytest.fail("a finished run trained again"))
-    assert fedrun.main([*argv, "--rounds", "3"]) == 0
+    monkeypatch.setattr(fh, "init_ray", lambda *a, **k: pytest.fail("Ray started for a finished run"))
+    assert fedrun.main([*argv, "--rounds", "3", "--executor", "actor-pool"]) == 0  # the executor: not a setting
     assert load_record(folder)["weights_sha256"] == three["weights_sha256"]
 
 

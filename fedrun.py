@@ -232,9 +232,9 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
         add(p, "--seed", number(int, 0), 0, "seed of the split, the model, client sampling and faults")
     add(p, "--train-samples", number(int, 1), None, "use a seeded random subset of this many training samples "
         "(None: all)")
-    g = p.add_argument_group("round policy (with none of these, a client that fails stops the run; with any of "
-                             "them, as in notebook 08, failed, late and rejected clients are left out of their "
-                             "round, with the reason in the history)")
+    g = p.add_argument_group("round policy", "With none of these flags, a client that fails stops the run. With "
+                             "any of them (notebook 08's Resilient policy), failed, late and rejected clients are "
+                             "left out of their round, with the reason in the history.")
     add(g, "--deadline", number(float, 0, low_open=True), None, "seconds a round waits for its clients; the late "
         "ones are left out (None: no deadline)")
     add(g, "--min-clients", number(int, 1), None, "fewest usable updates a round needs to change the model, at most "
@@ -246,7 +246,7 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
             f"{FAULT_HELP[fault]}; --crash + --kill + --slow + --nan must be at most 1")
     add(g, "--slow-s", number(float, 0), None, "seconds a straggler (--slow) naps before it answers (None: it "
         "never answers, which needs a --deadline)")
-    g = p.add_argument_group("where clients train (every executor gives the same weights, bit for bit)")
+    g = p.add_argument_group("where clients train", "Every executor gives the same weights, bit for bit.")
     add(g, "--executor", str, None, "in-process: one client after another in this process, without Ray; "
         "ray-tasks: one Ray task per client; actor-pool: long-lived Ray actors that keep the data",
         shown="actor-pool", choices=list(EXECUTORS))

@@ -11,6 +11,7 @@ tests that need Ray ask for the session's `ray_cluster`.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +67,14 @@ def untrained(task: fh.FedTask) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 
 
+def wait_for_free_cpus(ray, timeout_s: float = 300.0) -> None:
+    """Ray gives a finished run's CPUs back asynchronously (killed actors, leased task workers): on a
+    busy machine the next actor pool could otherwise time out waiting for them."""
+    end = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def in_process_reference(task):
     """{strategy: (final weights, history)} of 2-round runs on InProcess, each computed once."""
@@ -86,7 +95,7 @@ def test_every_executor_gives_the_in_process_bits(request, task, in_process_refe
     """Same task and seed, faults off: every executor and every strategy gives bit-identical weights and
     the same history rows (timing aside) as a separate in-process run, whatever order clients finish in."""
     if executor != "in-process":
-        request.getfixturevalue("ray_cluster")
+        wait_for_free_cpus(request.getfixturevalue("ray_cluster"))
     model, history = run(task, strategy=fresh(name, NUM_CLIENTS), executor=EXECUTORS[executor]())
     ref_w, ref_history = in_process_reference(name)
     assert torch.equal(flat(model), ref_w)

@@ -78,6 +78,7 @@ ENGINES = {  # name -> what it is (the order is the interleaving order and the c
 LABEL = {"floor": "floor", "minimal": "min-tasks", "pool": "pool", "tasks": "tasks"}
 W2_ENGINES = ("floor", "pool")
 RAY_ENGINES = ("minimal", "pool", "tasks")
+QUICK_ENGINES = ("floor", "minimal", "pool")  # the three the targets compare; the smoke run skips RayTasks
 
 TARGETS = {  # the numbers the actor pool is held to (issue 10)
     "w1_pool_vs_minimal": 0.9,  # pool / min-tasks per-round seconds, median of the paired ratios
@@ -316,6 +317,15 @@ def timing_evaluate(store: list) -> callable:
 # ----------------------------------------------------------------------------
 
 
+# The baseline's float64 mean runs on one PyTorch thread. On 200k-element vectors, torch's default
+# intra-op threads (2 here) cost far more than they save: each op forks and joins OpenMP threads,
+# and on a busy machine it waits for a descheduled one (measured: the engine's server-side math,
+# 0.03-0.1 s a round on one thread, took 0.3-1.2 s on two, under load). With the default, the
+# baseline would be slowed by a thread setting, not by Ray tasks; with one thread it is the
+# strongest minimal loop, and the comparison is about the executor.
+SERVER_THREADS = 1
+
+
 @ray.remote(num_cpus=1)
 def minimal_client(weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, indices: np.ndarray, seed: int,
                    cfg: fh.TrainConfig) -> tuple[int, float, np.ndarray]:
@@ -348,10 +358,11 @@ def minimal_rounds(task: fh.FedTask, rounds: int, callback=None, timer: Timed | 
         if timer is not None:
             timer.run_s.append(time.perf_counter() - t)
         sizes = np.array([n for n, _, _ in outs], dtype=np.float64)
-        avg = torch.zeros(len(w), dtype=torch.float64)
-        for (_, _, weights), c in zip(outs, sizes / sizes.sum()):
-            avg += float(c) * torch.tensor(weights, dtype=torch.float64)
-        fh.set_flat_weights(model, avg.to(torch.float32))
+        with fh.torch_threads(SERVER_THREADS):  # see SERVER_THREADS
+            avg = torch.zeros(len(w), dtype=torch.float64)
+            for (_, _, weights), c in zip(outs, sizes / sizes.sum()):
+                avg += float(c) * torch.tensor(weights, dtype=torch.float64)
+            fh.set_flat_weights(model, avg.to(torch.float32))
         loss, acc = fh.evaluate(model, *task.test)
         history.append({"round": rnd, "accuracy": acc, "loss": loss, "clients": len(clients),
                         "seconds": time.perf_counter() - t})
@@ -744,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isolate", action="store_true", help="subprocess per configuration even with --quick")
     p.add_argument("--repeats", type=int, help="W1 repeats of every engine, interleaved (default 3; quick 2)")
     p.add_argument("--w2-repeats", type=int, default=1, help="W2 repeats of floor and pool per K (default 1)")
-    p.add_argument("--engines", default=",".join(ENGINES),
-                   help=f"W1 engines, comma-separated, from {','.join(ENGINES)} (default: all)")
+    p.add_argument("--engines", help=f"W1 engines, comma-separated, from {','.join(ENGINES)} (default: all; "
+                   "with --quick: floor,minimal,pool)")
     p.add_argument("--w1-only", action="store_true", help="skip W2 (a short run while developing)")
     p.add_argument("--one", choices=["W1", "W2"], help=argparse.SUPPRESS)  # child mode: one configuration
     p.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
@@ -763,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json_to.write_text(json.dumps(figures))
         return 0
 
-    engines = [x for x in args.engines.split(",") if x]
+    engines = [x for x in (args.engines or ",".join(QUICK_ENGINES if args.quick else ENGINES)).split(",") if x]
     if not engines or any(x not in ENGINES for x in engines) or len(set(engines)) != len(engines):
         p.error(f"--engines must name distinct engines from {','.join(ENGINES)}, got {args.engines!r}")
     if not args.w1_only and "floor" not in engines:

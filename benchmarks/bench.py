@@ -427,7 +427,7 @@ def run_one(workload: str, engine: str, clients: int, quick: bool, repeat: int =
             cpu.snap()
             start = time.perf_counter()
             if engine == "minimal":
-                timer = Timed(fh.InProcess())  # only its start_s is used
+                timer = Timed(fh.InProcess())  # holds start_s and run_s; its executor is never started
                 model, history = minimal_rounds(task, rounds, cpu.snap, timer)
             else:
                 inner = {"floor": fh.InProcess, "tasks": fh.RayTasks,

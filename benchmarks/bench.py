@@ -78,6 +78,7 @@ ENGINES = {  # name -> what it is (the order is the interleaving order and the c
 LABEL = {"floor": "floor", "minimal": "min-tasks", "pool": "pool", "tasks": "tasks"}
 W2_ENGINES = ("floor", "pool")
 RAY_ENGINES = ("minimal", "pool", "tasks")
+START_TIMEOUT_S = 600.0  # the pool's actors must start within this (a loaded 2-core machine needs minutes)
 QUICK_ENGINES = ("floor", "minimal", "pool")  # the three the targets compare; the smoke run skips RayTasks
 
 TARGETS = {  # the numbers the actor pool is held to (issue 10)
@@ -431,7 +432,7 @@ def run_one(workload: str, engine: str, clients: int, quick: bool, repeat: int =
                 model, history = minimal_rounds(task, rounds, cpu.snap, timer)
             else:
                 inner = {"floor": fh.InProcess, "tasks": fh.RayTasks,
-                         "pool": lambda: fh.ActorPool(num_workers=NUM_WORKERS)}[engine]()
+                         "pool": lambda: fh.ActorPool(NUM_WORKERS, start_timeout_s=START_TIMEOUT_S)}[engine]()
                 timer = Timed(inner)
                 model, history = fh.run_rounds(task, rounds, executor=timer, callbacks=[cpu.snap], progress=False)
             total_s = time.perf_counter() - start

@@ -908,8 +908,8 @@ def wire_size(obj: object) -> int:
     arrays as out-of-band buffers (measured without copying them). Introduced in 05_round_loop.
     """
     buffers: list = []
-    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    return len(head) + sum(b.raw().nbytes for b in buffers)
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)  # a read-only array (from Ray) adds a byte:
+    return len(head) - sum(b.raw().readonly for b in buffers) + sum(b.raw().nbytes for b in buffers)  # as sent
 
 
 @dataclass
@@ -1001,7 +1001,7 @@ def history_row(rnd: int, jobs: list[ClientJob], results: list[ClientResult], re
         "round": rnd, "accuracy": test_acc, "loss": test_loss,
         "train_loss": float(np.dot(sizes, [r.loss for r in accepted]) / sizes.sum()) if aggregated else None,
         "drift": client_drift(accepted, global_w) if aggregated else None,
-        "clients": len(accepted), "sampled": [j.cid for j in jobs], "accepted": [r.cid for r in accepted],
+        "clients": len(accepted), "sampled": sorted(j.cid for j in jobs), "accepted": [r.cid for r in accepted],
         "failed": {str(r.cid): r.error for r in results if r.status == "failed"},
         "late": [r.cid for r in results if r.status == "late"],
         "rejected": {str(k): v for k, v in sorted(rejected.items())},

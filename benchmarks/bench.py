@@ -666,9 +666,10 @@ def table(result: dict) -> str:
         row("engine start s (data put, workers ready)", fig("start_s", ".2f")),
         row("round 1 s", fig("first_round_s", ".2f")),
         row("total s (start + all rounds)", fig("total_s", ".2f")),
-        row("  of a round: clients' jobs s (executor.run)", fig("clients_s", ".3f")),
-        row("  of a round: test-set evaluation s", fig("evaluate_s", ".3f")),
-        row("  of a round: the rest s (aggregate, history)", fig("server_s", ".3f")),
+        f"  of a round (rounds 2..{rounds}), wall s:",
+        row("  clients' jobs (executor.run)", fig("clients_s", ".3f")),
+        row("  test-set evaluation", fig("evaluate_s", ".3f")),
+        row("  the rest (aggregation, history row)", fig("server_s", ".3f")),
         f"  CPU s per round (rounds 2..{rounds}), by part of the process tree:",
     ]
     for g in CPU_GROUPS:

@@ -1018,16 +1018,17 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
     w = flat_weights(model)
     jobs = policy.plan(make_jobs(task, strategy, w, rnd, policy.deadline_s), task.seed)
     results = executor.run(jobs, w.numpy(), cfg)  # in client-id order, whoever finished first
-    rejected = policy.screen(results, w)
-    accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
-    aggregated = len(accepted) >= policy.min_clients  # else the model is kept
-    if aggregated:
-        avg = aggregate(accepted, w)
-        for r in accepted:
-            strategy.receive(r.cid, w, torch.tensor(r.weights), local_steps(r.num_samples, cfg.epochs,
-                                                                            cfg.batch_size), cfg.lr)
-        set_flat_weights(model, strategy.server_step(w, avg))
-    loss, acc = evaluate(model, *task.test)
+    with torch_threads(1):  # on vectors this size, extra threads cost more than they give (measured: 1.1 s -> 0.05 s)
+        rejected = policy.screen(results, w)
+        accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
+        aggregated = len(accepted) >= policy.min_clients  # else the model is kept
+        if aggregated:
+            avg = aggregate(accepted, w)
+            for r in accepted:
+                strategy.receive(r.cid, w, torch.tensor(r.weights), local_steps(r.num_samples, cfg.epochs,
+                                                                                cfg.batch_size), cfg.lr)
+            set_flat_weights(model, strategy.server_step(w, avg))
+        loss, acc = evaluate(model, *task.test)
     return history_row(rnd, jobs, results, rejected, accepted, aggregated, w.numpy(), w, loss, acc,
                        time.perf_counter() - start)
 

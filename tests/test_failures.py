@@ -756,10 +756,17 @@ def reference(tmp_path_factory, data):
     return get
 
 
-def assert_resumed_equals(model, hist, strategy, run_dir: Path, ref) -> None:
+def close_rows(a: list[dict], b: list[dict]) -> bool:
+    """The same rows, timing aside, with float metrics to 1e-9 (another process may sum them in another order)."""
+    close = lambda u, v: math.isclose(u, v, rel_tol=1e-9) if isinstance(u, float) and isinstance(v, float) else u == v
+    return len(a) == len(b) and all(r.keys() == s.keys() and all(close(r[k], s[k]) for k in r if k != "seconds")
+                                    for r, s in zip(a, b))
+
+
+def assert_resumed_equals(model, hist, strategy, run_dir: Path, ref, same_process: bool = True) -> None:
     """Bit for bit the uninterrupted run: weights, history, server state, client state files."""
     assert torch.equal(flat(model), ref.weights), "the weights differ from the uninterrupted run's"
-    assert without_seconds(hist) == without_seconds(ref.history)
+    assert without_seconds(hist) == without_seconds(ref.history) if same_process else close_rows(hist, ref.history)
     assert same_server_state(fh.server_state(strategy), ref.server), "the server state differs"
     files = state_files(run_dir)  # also: no file left in a pending_* folder
     assert files.keys() == ref.files.keys() and all(files[k] == ref.files[k] for k in files), "client states differ"
@@ -887,7 +894,7 @@ def test_resume_after_the_process_is_killed(tmp_path, data, reference):
     rounds = max(RESUME_ROUNDS, stopped + 1)
     s = fresh(name, NUM_CLIENTS)
     model, hist = resumable(data, s, rounds, tmp_path)
-    assert_resumed_equals(model, hist, s, tmp_path, reference(name, rounds))
+    assert_resumed_equals(model, hist, s, tmp_path, reference(name, rounds), same_process=False)
 
 
 @pytest.mark.parametrize("name", ["fedadam", "scaffold"])

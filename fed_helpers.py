@@ -1028,7 +1028,7 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
                 strategy.receive(r.cid, w, torch.tensor(r.weights), local_steps(r.num_samples, cfg.epochs,
                                                                                 cfg.batch_size), cfg.lr)
             set_flat_weights(model, strategy.server_step(w, avg))
-        loss, acc = evaluate(model, *task.test)
+    loss, acc = evaluate(model, *task.test)  # the caller's threads: the same numbers as evaluating the model later
     return history_row(rnd, jobs, results, rejected, accepted, aggregated, w.numpy(), w, loss, acc,
                        time.perf_counter() - start)
 

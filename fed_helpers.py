@@ -857,8 +857,10 @@ class FedAvg:
         """What client `cid` receives besides the weights: (hook maker, argument), or None (plain SGD)."""
         return None
 
-    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float) -> None:
-        """Called for each accepted client's result, in client-id order (SCAFFOLD keeps state here)."""
+    def receive(self, cid: int, global_w: torch.Tensor, client_w: torch.Tensor, steps: int, lr: float,
+                num_samples: int = 1) -> None:
+        """Called for each accepted client's result (its `steps` of rate `lr` on `num_samples`), in
+        client-id order (SCAFFOLD keeps state here)."""
 
     def server_step(self, global_w: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
         """The new global weights (float32) from the old ones and the float64 aggregate."""
@@ -1025,8 +1027,8 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
         if aggregated:
             avg = aggregate(accepted, w)
             for r in accepted:
-                strategy.receive(r.cid, w, torch.tensor(r.weights), local_steps(r.num_samples, cfg.epochs,
-                                                                                cfg.batch_size), cfg.lr)
+                steps = local_steps(r.num_samples, cfg.epochs, cfg.batch_size)
+                strategy.receive(r.cid, w, torch.tensor(r.weights), steps, cfg.lr, r.num_samples)
             set_flat_weights(model, strategy.server_step(w, avg))
     loss, acc = evaluate(model, *task.test)  # the caller's threads: the same numbers as evaluating the model later
     return history_row(rnd, jobs, results, rejected, accepted, aggregated, w.numpy(), w, loss, acc,

@@ -10,7 +10,6 @@ that every executor gives the same bits for every strategy is tests/test_engine.
 from __future__ import annotations
 
 import gc
-import inspect
 import math
 
 import numpy as np
@@ -392,11 +391,6 @@ def test_scaffold_one_client_first_round_is_local_sgd(synthetic_train, synthetic
     np.testing.assert_allclose(s.c.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
 
 
-ENGINE_PASSES_SAMPLES = "num_samples" in inspect.signature(fh.FedAvg.receive).parameters
-
-
-@pytest.mark.xfail(not ENGINE_PASSES_SAMPLES, strict=True,
-                   reason="run_round must pass each result's num_samples to strategy.receive (notebook 06, § 9)")
 def test_engine_gives_scaffold_the_sample_counts(synthetic_train, synthetic_test):
     """Through run_rounds, c after round 1 is the sample-weighted mean of the clients' c_i."""
     parts = [np.arange(0, 30), np.arange(30, 120)]

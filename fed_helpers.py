@@ -881,9 +881,11 @@ def local_steps(num_samples: int, epochs: int, batch_size: int) -> int:
     return epochs * math.ceil(num_samples / batch_size)
 
 
-def weighted_mean(results: Sequence[ClientResult], global_w: torch.Tensor) -> torch.Tensor:
+def weighted_mean(results: Sequence[ClientResult], global_w: torch.Tensor, jobs: Sequence = ()) -> torch.Tensor:
     """The default server-side aggregation: sum_k (n_k / n) * w_k in float64, folded in the
-    given (client-id) order, so the bits never depend on who finished first. Introduced in 05_round_loop.
+    given (client-id) order, so the bits never depend on who finished first. An aggregation rule
+    also gets the round's `jobs` (who was asked; this one needs only who answered).
+    Introduced in 05_round_loop.
     """
     sizes = np.array([r.num_samples for r in results], dtype=np.float64)
     avg = torch.zeros(len(global_w), dtype=torch.float64)
@@ -1025,7 +1027,7 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
         accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
         aggregated = len(accepted) >= policy.min_clients  # else the model is kept
         if aggregated:
-            avg = aggregate(accepted, w)
+            avg = aggregate(accepted, w, jobs)
             for r in accepted:
                 steps = local_steps(r.num_samples, cfg.epochs, cfg.batch_size)
                 strategy.receive(r.cid, w, torch.tensor(r.weights), steps, cfg.lr, r.num_samples)

@@ -332,13 +332,14 @@ def test_the_transform_runs_on_each_client_and_changes_what_is_aggregated(task):
 def test_a_custom_aggregate_is_used(task, data):
     seen = []
 
-    def first_client(results, global_w):
-        seen.append(([r.cid for r in results], global_w.clone()))
+    def first_client(results, global_w, jobs):
+        seen.append(([r.cid for r in results], global_w.clone(), [(j.cid, j.round) for j in jobs]))
         return torch.tensor(results[0].weights, dtype=torch.float64)
 
     model, history = run(task, 1, aggregate=first_client)
     clients = [int(k) for k in fh.sample_clients(NUM_CLIENTS, FRACTION, SEED, 1)]
     assert len(seen) == 1 and seen[0][0] == clients and torch.equal(seen[0][1], untrained(task))
+    assert seen[0][2] == [(k, 1) for k in clients]  # the rule also sees who was asked, and in which round
     train, _, parts = data
     job = fh.ClientJob(clients[0], 1, parts[clients[0]], fh.client_seed(SEED, 1, clients[0]))
     first = fh.train_client(fh.make_model("simple"), untrained(task).numpy(), train[0].numpy(), train[1].numpy(),
@@ -372,9 +373,9 @@ def test_bytes_sent_is_down_plus_up_as_serialized(task, name):
         payloads.append(real_payload(cid, global_w))
         return payloads[-1]
 
-    def capture(results, global_w):
+    def capture(results, global_w, jobs):
         answers.append(list(results))
-        return fh.weighted_mean(results, global_w)
+        return fh.weighted_mean(results, global_w, jobs)
 
     strategy.payload = payload
     _, history = run(task, strategy=strategy, aggregate=capture)

@@ -1006,8 +1006,8 @@ def test_corrupt_checkpoint_is_refused_and_nothing_changes(data, scaffold_dir, d
     assert "delete it" in msg and str(path) in msg
 
 
-def other_mean(results, global_w):
-    return fh.weighted_mean(results, global_w)
+def other_mean(results, global_w, jobs):
+    return fh.weighted_mean(results, global_w, jobs)
 
 
 @pytest.mark.parametrize(

@@ -1761,3 +1761,15 @@ class Resilient(RoundPolicy):
 
     def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
         return screen_updates(results, global_w, self.max_norm_ratio)
+
+
+# ----------------------------------------------------------------------------
+# 09_what_updates_leak: what an update reveals (gradient inversion, membership inference)
+# ----------------------------------------------------------------------------
+# (attacks: below this line)
+
+
+# ----------------------------------------------------------------------------
+# 09_what_updates_leak: differential privacy as pieces of the engine (clip, noise, accountant)
+# ----------------------------------------------------------------------------
+# (differential privacy: below this line)

@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -1066,10 +1066,10 @@ def run_rounds(
             if checkpoint is not None:
                 checkpoint.begin(rnd, strategy)
             history.append(run_round(rnd, model, task, strategy, executor, policy, aggregate))
+            for callback in callbacks:  # before the save: what a callback writes into the row is kept
+                callback(history)
             if checkpoint is not None:
                 checkpoint.save(model, strategy, history)
-            for callback in callbacks:
-                callback(history)
     finally:
         executor.stop()
     return model, history
@@ -1674,11 +1674,12 @@ def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transf
     """
     parts = hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in task.partitions))
     name = lambda f: None if f is None else getattr(f, "__qualname__", type(f).__qualname__)
+    piece = lambda f: {"name": name(f), **asdict(f)} if is_dataclass(f) and not isinstance(f, type) else name(f)
     return {"config": asdict(task.config), "client_fraction": task.client_fraction, "seed": task.seed,
             "partitions": parts.hexdigest(), "train_samples": len(task.train[1]), "strategy": strategy.name,
             "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
             "policy": {"name": type(policy).__name__, **asdict(policy)},
-            "transform": name(transform), "aggregate": name(aggregate)}
+            "transform": piece(transform), "aggregate": piece(aggregate)}  # a piece's knobs too (09's DP)
 
 
 class Checkpointer:
@@ -1773,3 +1774,121 @@ class Resilient(RoundPolicy):
 # 09_what_updates_leak: differential privacy as pieces of the engine (clip, noise, accountant)
 # ----------------------------------------------------------------------------
 # (differential privacy: below this line)
+
+
+@dataclass(frozen=True)
+class ClipUpdate:
+    """Client-side update transform: scale the update (new - global weights) down to L2 norm
+    `max_norm` (C) if it is longer; a shorter update leaves unchanged, bit for bit (C = inf: no
+    clipping). Introduced in 09_what_updates_leak.
+    """
+
+    max_norm: float
+
+    def __post_init__(self) -> None:
+        _check_knob("max_norm", self.max_norm, 0, math.inf, low_open=True, allow_inf=True)
+
+    def __call__(self, new_w: np.ndarray, global_w: np.ndarray, job: ClientJob | None = None) -> np.ndarray:
+        delta = new_w.astype(np.float64) - global_w
+        norm = float(np.linalg.norm(delta))
+        if norm <= self.max_norm:
+            return new_w
+        return (global_w + delta * (self.max_norm / norm)).astype(np.float32)
+
+
+def dp_noise(seed: int, rnd: int, size: int, std: float) -> torch.Tensor:
+    """Round `rnd`'s Gaussian noise, N(0, std^2) per coordinate in float64, from its own
+    stream of the run's `seed`: a rerun or a resumed run draws the same. Introduced in 09_what_updates_leak.
+    """
+    rng = np.random.default_rng([seed, rnd, 909])  # 909: not a stream the clients use
+    return torch.from_numpy(rng.standard_normal(size) * std)
+
+
+@dataclass(frozen=True)
+class DPMean:
+    """Server-side aggregation for user-level DP, McMahan et al. (2018)'s fixed-denominator
+    estimator: clip each update to `clip` (C) again on the server, weigh client k by
+    w_k = min(n_k, weight_cap), sum, add N(0, (z C weight_cap)^2) (z = `noise_multiplier`; one
+    client moves the sum by at most C weight_cap), and divide by `expected_weight` (q W, a
+    round's expected weight), not by who answered. Introduced in 09_what_updates_leak.
+    """
+
+    clip: float
+    noise_multiplier: float
+    weight_cap: int
+    expected_weight: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_knob("clip", self.clip, 0, math.inf, low_open=True, allow_inf=True)
+        _check_knob("noise_multiplier", self.noise_multiplier, 0, math.inf)
+        cap = self.weight_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+            raise ValueError(f"weight_cap must be an integer >= 1 (samples), got {self.weight_cap!r}")
+        _check_knob("expected_weight", self.expected_weight, 0, math.inf, low_open=True)
+        if self.noise_multiplier > 0 and math.isinf(self.clip):
+            raise ValueError("noise_multiplier > 0 needs a finite clip: the noise's std is noise_multiplier * clip")
+
+    def noise_std(self) -> float:
+        """The std of the noise on the mean: z C weight_cap / (q W)."""
+        z = self.noise_multiplier
+        return z * self.clip * self.weight_cap / self.expected_weight if z > 0 else 0.0
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob]) -> torch.Tensor:
+        cap, clip, g = self.weight_cap, ClipUpdate(self.clip), global_w.double()
+        capped = [replace(r, weights=clip(r.weights, global_w.numpy()), num_samples=min(r.num_samples, cap))
+                  for r in accepted]
+        mean = weighted_mean(capped, global_w)  # sum_k w_k x_k / sum_k w_k, over those who answered
+        share = sum(r.num_samples for r in capped) / self.expected_weight
+        avg = mean if share == 1 else g + share * (mean - g)  # = g + sum_k w_k (x_k - g) / (q W)
+        std = self.noise_std()
+        return avg + dp_noise(self.seed, jobs[0].round, len(g), std) if std > 0 else avg
+
+
+def dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_cap: int | None = None) -> DPMean:
+    """`DPMean` for `task`: q W from its clients (weight_cap None: the largest client's samples, so
+    w_k = n_k as in FedAvg), its seed for the noise. Introduced in 09_what_updates_leak.
+    """
+    sizes = [len(p) for p in task.partitions]
+    cap = max(sizes) if weight_cap is None else weight_cap
+    m = len(sample_clients(len(sizes), task.client_fraction, task.seed, 1))  # the same number every round
+    total = sum(min(n, cap) for n in sizes) if isinstance(cap, (int, np.integer)) else 1.0  # bad cap: DPMean says
+    return DPMean(clip, noise_multiplier, cap, m / len(sizes) * total, task.seed)
+
+
+def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """The (user-level) epsilon at `delta` after `rounds` releases of the subsampled Gaussian
+    mechanism (sampling rate q, noise z), from Opacus's RDP accountant: 0 for no rounds, inf for
+    z = 0. Introduced in 09_what_updates_leak.
+    """
+    _check_knob("noise_multiplier", noise_multiplier, 0, math.inf)
+    _check_knob("sample_rate", sample_rate, 0, 1, low_open=True)
+    _check_knob("delta", delta, 0, 1, low_open=True, high_open=True)
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+        raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
+    if rounds == 0 or noise_multiplier == 0:
+        return 0.0 if rounds == 0 else math.inf
+    from opacus.accountants import RDPAccountant  # imported here: Ray workers never need it
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=int(rounds), orders=orders)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """Callback: writes into each round's history row the `epsilon` spent so far at `delta`,
+    counting the rounds that released a model (a round that kept the model released nothing).
+    Introduced in 09_what_updates_leak.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+
+    def __call__(self, history: list[dict]) -> None:
+        released = sum(bool(h["aggregated"]) for h in history)
+        history[-1].update(epsilon=dp_epsilon(self.noise_multiplier, self.sample_rate, released, self.delta),
+                           delta=self.delta)

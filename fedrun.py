@@ -246,6 +246,15 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
             f"{FAULT_HELP[fault]}; --crash + --kill + --slow + --nan must be at most 1")
     add(g, "--slow-s", number(float, 0), None, "seconds a straggler (--slow) naps before it answers (None: it "
         "never answers, which needs a --deadline)")
+    g = p.add_argument_group("differential privacy (notebook 09)", "User-level DP-FedAvg: each update is "
+                             "clipped to --dp-clip, the server adds Gaussian noise of std --dp-noise x clip to the "
+                             "sum, and the history records epsilon at --dp-delta after every round.")
+    add(g, "--dp-clip", number(float, 0, low_open=True), None, "clip every update to this L2 norm (None: no DP)")
+    add(g, "--dp-noise", number(float, 0), None, "noise multiplier z, needs --dp-clip (None: 0, clipping only)")
+    add(g, "--dp-delta", number(float, 0, 1, low_open=True, high_open=True), None, "the delta of (epsilon, "
+        "delta), below 1 / --clients (None: 1e-5, or 0.1 / --clients if smaller), needs --dp-clip")
+    add(g, "--dp-weight-cap", number(int, 1), None, "a client counts min(samples, cap) in the mean (None: the "
+        "largest client's samples, FedAvg's weights), needs --dp-clip")
     g = p.add_argument_group("where clients train", "Every executor gives the same weights, bit for bit.")
     add(g, "--executor", str, None, "in-process: one client after another in this process, without Ray; "
         "ray-tasks: one Ray task per client; actor-pool: long-lived Ray actors that keep the data",
@@ -373,7 +382,32 @@ def experiment_config(args: argparse.Namespace, partition: str, strategy: str, s
             "strategy_knobs": sknobs, "rounds": args.rounds,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples,
-            "policy": policy_config(args)}
+            "policy": policy_config(args), "privacy": privacy_config(args)}
+
+
+def privacy_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The DP pieces the flags ask for, as plain values (None: no DP)."""
+    given = [flag(d) for d in ("dp_noise", "dp_delta", "dp_weight_cap") if getattr(args, d) is not None]
+    if args.dp_clip is None:
+        if given:
+            raise UsageError(f"argument {given[0]}: needs --dp-clip (the noise and the weights are in its units)")
+        return None
+    delta = min(1e-5, 0.1 / args.clients) if args.dp_delta is None else args.dp_delta
+    if delta >= 1 / args.clients:
+        raise UsageError(f"argument --dp-delta: must be a number in (0, {1 / args.clients:g}) (below 1 / --clients "
+                         f"{args.clients}: a larger delta lets a mechanism publish one client's data), got {delta:g}")
+    return {"clip": args.dp_clip, "noise": args.dp_noise or 0.0, "delta": delta, "weight_cap": args.dp_weight_cap}
+
+
+def privacy_pieces(cfg: dict, task: fh.FedTask) -> dict[str, Any]:
+    """run_rounds' transform, aggregate and callbacks for the config's DP (FedAvg's when there is none)."""
+    dp = cfg.get("privacy")
+    if dp is None:
+        return {"transform": None, "aggregate": fh.weighted_mean, "callbacks": []}
+    rate = len(fh.sample_clients(len(task.partitions), task.client_fraction, task.seed, 1)) / len(task.partitions)
+    return {"transform": fh.ClipUpdate(dp["clip"]), "aggregate": fh.dp_mean(task, dp["clip"], dp["noise"],
+                                                                            dp["weight_cap"]),
+            "callbacks": [fh.PrivacyLedger(dp["noise"], rate, dp["delta"])]}
 
 
 def runtime_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -419,7 +453,7 @@ def subset(cfg: dict, data: tuple[tuple, tuple]) -> tuple[tuple, tuple]:
     return train, test
 
 
-def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg, fh.RoundPolicy]:
+def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg, fh.RoundPolicy, dict]:
     """The engine's task, strategy and round policy, or UsageError naming the flag: all before any training."""
     try:
         parts = fh.make_partition(cfg["partition"], data[0][1].numpy(), cfg["clients"], seed=cfg["seed"],
@@ -429,6 +463,7 @@ def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg
                                 cfg["weight_decay"])
         task = fh.FedTask(*data, parts, config, cfg["fraction"], cfg["seed"])
         policy = make_policy(cfg["policy"])
+        pieces = privacy_pieces(cfg, task)
     except ValueError as err:
         raise usage_error(err) from None
     sampled = max(1, round(cfg["fraction"] * cfg["clients"]))
@@ -436,7 +471,7 @@ def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg
         raise UsageError(f"argument --min-clients: must be an integer in [1, {sampled}] (the clients sampled per "
                          f"round: --fraction {cfg['fraction']:g} of --clients {cfg['clients']}), got "
                          f"{policy.min_clients}")
-    return task, strategy, policy
+    return task, strategy, policy, pieces
 
 
 def checkpointed_rounds(out: Path, cfg: dict, prepared: tuple) -> int:
@@ -445,8 +480,8 @@ def checkpointed_rounds(out: Path, cfg: dict, prepared: tuple) -> int:
     path = out / "checkpoint.pt"
     if not path.exists():
         return 0
-    task, strategy, policy = prepared
-    fingerprint = fh.run_fingerprint(task, strategy, policy, None, fh.weighted_mean)
+    task, strategy, policy, pieces = prepared
+    fingerprint = fh.run_fingerprint(task, strategy, policy, pieces["transform"], pieces["aggregate"])
     num_params = fh.flat_weights(fh.make_model(cfg["model"])).numel()
     return fh.load_checkpoint(path, fingerprint, strategy, num_params, cfg["rounds"])["round"]
 
@@ -474,6 +509,7 @@ def round_line(h: dict, rounds: int) -> str:
            f"clients {h['clients']}/{len(h['sampled'])}"]
     out += [f"{k} {len(h[k])}" for k in ("failed", "late", "rejected") if h[k]]
     out += [] if h["aggregated"] else ["model kept"]
+    out += [f"epsilon {h['epsilon']:.3g}"] if "epsilon" in h else []
     return "  ".join([*out, f"{h['seconds']:.1f} s"])
 
 
@@ -489,7 +525,7 @@ def write_csv(path: Path, history: list[dict]) -> None:
 def run_one(cfg: dict, prepared: tuple, out: Path, runtime: dict, progress: bool = True,
             verbose: bool = True) -> dict:
     """Train (or resume) one experiment with `run_rounds`, checkpointed in `out`, and write its files there."""
-    task, strategy, policy = prepared
+    task, strategy, policy, pieces = prepared
     done = checkpointed_rounds(out, cfg, prepared)
     if verbose and done:
         tqdm.write(f"resuming from {out}/checkpoint.pt: {done} of {cfg['rounds']} rounds done")
@@ -500,8 +536,9 @@ def run_one(cfg: dict, prepared: tuple, out: Path, runtime: dict, progress: bool
 
     start = time.perf_counter()
     executor = make_executor(runtime) if done < cfg["rounds"] else fh.InProcess()  # finished: nothing to train
-    model, history = fh.run_rounds(task, cfg["rounds"], strategy, executor, policy,
-                                   checkpoint=fh.Checkpointer(out), callbacks=[on_round], progress=progress)
+    model, history = fh.run_rounds(task, cfg["rounds"], strategy, executor, policy, pieces["transform"],
+                                   pieces["aggregate"], fh.Checkpointer(out), [*pieces["callbacks"], on_round],
+                                   progress=progress)
     best = max(history, key=lambda h: h["accuracy"])
     record = {"config": cfg, "history": history, "final_accuracy": history[-1]["accuracy"],
               "final_loss": history[-1]["loss"], "best_accuracy": best["accuracy"], "best_round": best["round"],

@@ -193,6 +193,36 @@ def test_resilient_flags_reach_the_engine(tmp_path):
     assert torch.isfinite(fh.flat_weights(load_model(folder))).all()
 
 
+def test_privacy_flags_reach_the_engine_and_the_history_has_epsilon(tmp_path, capsys):
+    """DP-FedAvg from the terminal: the same run as the engine's pieces give, epsilon per round from the
+    accountant, a resumed run that ends with the same bits and epsilons, and other noise refused on resume."""
+
+    def argv(rounds: int, noise: float, out: str) -> list[str]:
+        return ["run", *TINY, *NO_RAY, "--rounds", str(rounds), "--clients", "8", "--fraction", "0.5",
+                "--dp-clip", "0.5", "--dp-noise", str(noise), "--dp-delta", "1e-3", "--out", str(tmp_path / out)]
+
+    assert fedrun.main(argv(3, 0.8, "whole")) == 0
+    rec = load_record(tmp_path / "whole")
+    assert rec["config"]["privacy"] == {"clip": 0.5, "noise": 0.8, "delta": 1e-3, "weight_cap": None}
+    assert [h["epsilon"] for h in rec["history"]] == [fh.dp_epsilon(0.8, 0.5, t, 1e-3) for t in (1, 2, 3)]
+    cfg = rec["config"]
+    task = fedrun.prepare(cfg, fedrun.subset(cfg, fedrun.load_data("synthetic", None)))[0]
+    model, _ = fh.run_rounds(task, 3, transform=fh.ClipUpdate(0.5), aggregate=fh.dp_mean(task, 0.5, 0.8),
+                             progress=False)
+    assert same_weights(model, load_model(tmp_path / "whole"))
+    assert fedrun.main(argv(1, 0.8, "cut")) == 0
+    before = (tmp_path / "cut" / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as exc:  # the checkpoint was made with other noise
+        fedrun.main(argv(3, 1.6, "cut"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "argument --out:" in last and "--restart" in last, last
+    assert (tmp_path / "cut" / "checkpoint.pt").read_bytes() == before
+    assert fedrun.main(argv(3, 0.8, "cut")) == 0  # resumes after round 1
+    cut = load_record(tmp_path / "cut")
+    assert cut["resumed_after"] == 1 and cut["weights_sha256"] == rec["weights_sha256"]
+    assert [h["epsilon"] for h in cut["history"]] == [h["epsilon"] for h in rec["history"]]
+
+
 def test_config_file_equals_the_same_flags(cli_run, tmp_path):
     _, out = cli_run
     keys = [a.lstrip("-") for a in TINY[0::2]]
@@ -263,6 +293,14 @@ BAD = [  # extra flags, what stderr must say (the flag, its allowed range)
     (["--workers", "2"], ["--workers", "in-process executor does not take it", "actor-pool"]),
     (["--chunk-size", "0"], ["--chunk-size", ">= 1"]),
     (["--cpus", "2"], ["--cpus", "in-process executor does not take it"]),
+    (["--dp-clip", "0"], ["--dp-clip", "> 0"]),
+    (["--dp-clip", "nan"], ["--dp-clip", "> 0", "'nan'"]),
+    (["--dp-noise", "1"], ["--dp-noise", "needs --dp-clip"]),
+    (["--dp-clip", "1", "--dp-noise", "-1"], ["--dp-noise", ">= 0"]),
+    (["--dp-clip", "1", "--dp-delta", "1"], ["--dp-delta", "(0, 1)"]),
+    (["--dp-clip", "1", "--dp-delta", "0.3"], ["--dp-delta", "(0, 0.25)", "1 / --clients"]),
+    (["--dp-clip", "1", "--dp-weight-cap", "0"], ["--dp-weight-cap", ">= 1"]),
+    (["--dp-weight-cap", "5"], ["--dp-weight-cap", "needs --dp-clip"]),
 ]
 
 

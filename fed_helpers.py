@@ -1770,6 +1770,236 @@ class Resilient(RoundPolicy):
 # (attacks: below this line)
 
 
+def observed_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1, steps: int = 1,
+                      seed: int = 0) -> list[torch.Tensor]:
+    """What an honest-but-curious server reads off one client's update. The client takes `steps`
+    full-batch SGD steps on (x, y) from `model`'s weights (the global model, restored afterwards)
+    with `train_local`; the server divides the update by the learning rate, (w_global - w_client)
+    / lr, and splits it into the parameters' shapes. After one step that is the batch's gradient
+    (up to rounding); after more, a sum of gradients taken at moving weights.
+    Introduced in 09_what_updates_leak.
+    """
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    w_global = flat_weights(model)
+    with torch_threads(1):
+        train_local(model, x, y, epochs=int(steps), batch_size=len(x), lr=lr, seed=seed)
+    w_client = flat_weights(model)
+    set_flat_weights(model, w_global)  # the server's copy of the model is the global one
+    return [t.clone() for t in split_like(model, (w_global - w_client) / lr)]
+
+
+def infer_labels(last_weight_grad: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """The labels of a batch, read off the gradient (or update) of the last layer's weights
+    (classes x features), when that layer sees non-negative features (after a ReLU) and the loss is
+    softmax cross-entropy. Row c is the batch's sum of (p_c - [y = c]) times the features, so only
+    rows of classes in the batch can sum below zero. Returns the `count` most negative rows, sorted:
+    exact for one sample, even after several local steps (Zhao et al. 2020, iDLG); for a batch
+    with distinct labels usually right (Yin et al. 2021). Introduced in 09_what_updates_leak.
+    """
+    if last_weight_grad.dim() != 2:
+        raise ValueError(f"last_weight_grad must be a (classes, features) matrix, got shape "
+                         f"{tuple(last_weight_grad.shape)}")
+    classes = last_weight_grad.shape[0]
+    if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or not 1 <= count <= classes:
+        raise ValueError(f"count must be an integer in [1, {classes}], got {count!r}")
+    return torch.sort(torch.argsort(last_weight_grad.sum(1))[: int(count)]).values
+
+
+def pixel_scale(dataset: str = "fashion_mnist") -> tuple[float, float]:
+    """(mean, std) of `load_dataset`'s normalisation of an image dataset: a pixel p in [0, 1]
+    is stored as (p - mean) / std. Introduced in 09_what_updates_leak.
+    """
+    if dataset not in ("fashion_mnist", "mnist"):
+        raise ValueError(f"dataset must be 'fashion_mnist' or 'mnist', got {dataset!r}")
+    return DATASETS[dataset][1], DATASETS[dataset][2]
+
+
+def to_pixels(x: torch.Tensor, dataset: str = "fashion_mnist") -> torch.Tensor:
+    """Undo `load_dataset`'s normalisation: the images with pixels in [0, 1] (clamped).
+
+    Introduced in 09_what_updates_leak.
+    """
+    mean, std = pixel_scale(dataset)
+    return (x * std + mean).clamp(0, 1)
+
+
+def image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each image pair, for batches (N, C, H, W) of equal shape.
+
+    Introduced in 09_what_updates_leak.
+    """
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"a and b must be image batches (N, C, H, W) of one shape, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio of each image pair in dB, for pixels in [0, 1]: 10 log10(1 / MSE).
+    Identical images give inf. Introduced in 09_what_updates_leak.
+    """
+    return 10 * torch.log10(1 / image_mse(a, b))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) of each image pair, pixels in [0, 1]: the mean of
+    the SSIM map over `window` x `window` uniform windows (no padding), C1 = 0.01^2, C2 = 0.03^2.
+    1 for identical images. Introduced in 09_what_updates_leak.
+    """
+    image_mse(a, b)  # checks the shapes
+    if not isinstance(window, (int, np.integer)) or not 1 <= window <= min(a.shape[-2:]):
+        raise ValueError(f"window must be an integer in [1, {min(a.shape[-2:])}], got {window!r}")
+    c1, c2 = 0.01**2, 0.03**2
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)
+    a, b = a.double(), b.double()
+    mu_a, mu_b = mean(a), mean(b)
+    var_a, var_b, cov = mean(a * a) - mu_a**2, mean(b * b) - mu_b**2, mean(a * b) - mu_a * mu_b
+    ssim_map = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1).float()
+
+
+def match_images(originals: torch.Tensor, guesses: torch.Tensor) -> torch.Tensor:
+    """`guesses` reordered so that guess i pairs with original i: greedily, the closest pair (lowest
+    MSE) first, then the closest of the rest, and so on. An attack on a batch returns its images in
+    no particular order. Introduced in 09_what_updates_leak.
+    """
+    image_mse(originals, guesses)  # checks the shapes
+    dist = (originals[:, None].float() - guesses[None].float()).pow(2).flatten(2).mean(2)
+    order = torch.empty(len(originals), dtype=torch.long)
+    for _ in range(len(originals)):
+        i, j = divmod(int(dist.argmin()), dist.shape[1])
+        order[i] = j
+        dist[i, :], dist[:, j] = math.inf, math.inf
+    return guesses[order]
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between vertically and between horizontally neighbouring pixels,
+    summed: the image prior of Geiping et al. (2020). Introduced in 09_what_updates_leak.
+    """
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def invert_gradient(model: nn.Module, target: list[torch.Tensor], labels: torch.Tensor, iterations: int = 200,
+                    lr: float = 0.1, tv_weight: float = 1e-4, seed: int = 0, dataset: str = "fashion_mnist",
+                    image_shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    """Gradient inversion (Geiping et al. 2020): images whose gradient under `model`, with `labels`,
+    points where `target` (an observed gradient, one tensor per parameter) does. Adam on the sign
+    of the gradient of 1 - cosine(dummy gradient, target) + tv_weight * TV(dummy), its step cut
+    tenfold at 3/8, 5/8 and 7/8 of the iterations, pixels kept in [0, 1]. Starts from seeded
+    uniform noise; one PyTorch thread, so a seed gives the same bits. Returns the images in
+    `load_dataset`'s normalisation. Introduced in 09_what_updates_leak.
+    """
+    if not isinstance(iterations, (int, np.integer)) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    _check_knob("lr", lr, 0, math.inf, low_open=True)
+    _check_knob("tv_weight", tv_weight, 0, math.inf)
+    if labels.dtype != torch.int64 or labels.dim() != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-d int64 tensor, got {labels.dtype} {tuple(labels.shape)}")
+    params, goal = list(model.parameters()), torch.cat([t.detach().flatten() for t in target])
+    if goal.numel() != sum(p.numel() for p in params):
+        raise ValueError(f"target must hold one number per parameter of the model, "
+                         f"{sum(p.numel() for p in params):,}, got {goal.numel():,}")
+    mean, std = pixel_scale(dataset)
+    lo, hi = -mean / std, (1 - mean) / std  # pixels 0 and 1, normalised
+    with torch_threads(1):
+        noise = torch.rand((len(labels), *image_shape), generator=torch.Generator().manual_seed(seed))
+        dummy = (lo + (hi - lo) * noise).requires_grad_(True)
+        opt = torch.optim.Adam([dummy], lr=lr)
+        cuts = torch.optim.lr_scheduler.MultiStepLR(opt, [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], 0.1)
+        for _ in range(int(iterations)):
+            grads = torch.autograd.grad(F.cross_entropy(model(dummy), labels), params, create_graph=True)
+            cos = F.cosine_similarity(torch.cat([g.flatten() for g in grads]), goal, dim=0)
+            loss = 1 - cos + tv_weight * total_variation(dummy)
+            dummy.grad = torch.autograd.grad(loss, [dummy])[0].sign()
+            opt.step()
+            cuts.step()
+            with torch.no_grad():
+                dummy.clamp_(lo, hi)
+    return dummy.detach()
+
+
+def show_reconstructions(originals: torch.Tensor, rows: dict[str, torch.Tensor], titles: list[str] | None = None,
+                         scale: float = 1.1):
+    """One figure: the original images (pixels in [0, 1]) in the top row, under them one row per
+    entry of `rows` (its label on the left), each image titled with its PSNR against the original
+    above it. `titles` (one per column) go over the originals. Introduced in 09_what_updates_leak.
+    """
+    n = len(originals)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(scale * max(n, 2), scale * 1.25 * (1 + len(rows))),
+                             squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(originals[i, 0], cmap="gray", vmin=0, vmax=1)
+        axes[0, i].set_title(titles[i] if titles else "", fontsize=7)
+        for r, images in enumerate(rows.values(), start=1):
+            axes[r, i].imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
+            axes[r, i].set_title(f"{float(psnr(images[i : i + 1], originals[i : i + 1])):.1f} dB", fontsize=7)
+    for r, name in enumerate(["original", *rows]):
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set(xticks=[], yticks=[])
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Each sample's cross-entropy under `model`: the score of the loss-threshold attack.
+
+    Introduced in 09_what_updates_leak.
+    """
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number (>= 1) of samples, got {len(x)} and {len(y)}")
+    model.eval()
+    return torch.cat([F.cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size], reduction="none")
+                      for i in range(0, len(x), batch_size)])
+
+
+def _scores(pos: Sequence[float], neg: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Both score lists as flat float arrays, or ValueError. Introduced in 09_what_updates_leak."""
+    pos, neg = np.asarray(pos, dtype=float).ravel(), np.asarray(neg, dtype=float).ravel()
+    for name, s in (("pos", pos), ("neg", neg)):
+        if len(s) == 0 or not np.isfinite(s).all():
+            raise ValueError(f"{name} must hold at least one score, all finite, got {len(s)} scores")
+    return pos, neg
+
+
+def roc_auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """Area under the ROC curve of telling `pos` from `neg` by "higher score means positive": the
+    chance that a random positive outscores a random negative, ties counting half (Mann-Whitney U
+    from mid-ranks). 0.5: no better than a coin. Introduced in 09_what_updates_leak.
+    """
+    pos, neg = _scores(pos, neg)
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2  # the mean 1-based rank of each distinct score
+    u = mid_rank[inverse][: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def attack_advantage(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """The best threshold's membership advantage (Yeom et al. 2018): max over t of TPR - FPR when
+    "score >= t" means positive, t over every score and +inf (so it is >= 0). Chosen in hindsight,
+    it bounds what any threshold on this score achieves. Introduced in 09_what_updates_leak.
+    """
+    pos, neg = _scores(pos, neg)
+    t = np.unique(np.concatenate([pos, neg]))
+    tpr = 1 - np.searchsorted(np.sort(pos), t, side="left") / len(pos)
+    fpr = 1 - np.searchsorted(np.sort(neg), t, side="left") / len(neg)
+    return float(max(0.0, (tpr - fpr).max()))
+
+
+def membership_attack(model: nn.Module, members: tuple[torch.Tensor, torch.Tensor],
+                      nonmembers: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Yeom et al. (2018)'s loss-threshold attack on the model a client sent: a sample with a low
+    loss is guessed to be a training sample. Scores = -loss; returns the AUC, the best threshold's
+    advantage, and both groups' mean loss. Introduced in 09_what_updates_leak.
+    """
+    loss_in, loss_out = sample_losses(model, *members).numpy(), sample_losses(model, *nonmembers).numpy()
+    return {"auc": roc_auc(-loss_in, -loss_out), "advantage": attack_advantage(-loss_in, -loss_out),
+            "member_loss": float(loss_in.mean()), "nonmember_loss": float(loss_out.mean())}
+
+
 # ----------------------------------------------------------------------------
 # 09_what_updates_leak: differential privacy as pieces of the engine (clip, noise, accountant)
 # ----------------------------------------------------------------------------
@@ -1872,7 +2102,7 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
     from opacus.accountants import RDPAccountant  # imported here: Ray workers never need it
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    orders = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 192, 256, 384, 512, 768, 1024]  # high orders: small eps
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=int(rounds), orders=orders)
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 

@@ -1450,6 +1450,35 @@ class ActorPool:
         self.workers, self.pings, self.args = [], [], None
 
 
+class KeptRunning:
+    """An executor that keeps another running across `run_rounds` calls until `close()`: a run
+    with the same data, model and client function skips the start-up (seconds for an actor pool);
+    a run that changes any of them restarts it. Introduced in 07_scaling_with_ray.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.name, self.key = inner, inner.name, None
+
+    def start(self, x_all: np.ndarray, y_all: np.ndarray, cfg: TrainConfig, client: Callable) -> None:
+        key = (x_all.__array_interface__["data"], y_all.__array_interface__["data"], x_all.shape, cfg.model, client)
+        if key != self.key:  # other data, model or client function: the workers must start afresh
+            self.close()
+            self.inner.start(x_all, y_all, cfg, client)
+            self.key = key
+
+    def run(self, jobs: list[ClientJob], weights: np.ndarray, cfg: TrainConfig) -> list[ClientResult]:
+        return self.inner.run(jobs, weights, cfg)
+
+    def stop(self) -> None:
+        """What `run_rounds` calls after each run: the inner executor keeps running."""
+
+    def close(self) -> None:
+        """Stop the inner executor for good (its workers, its data in the object store)."""
+        if self.key is not None:
+            self.inner.stop()
+            self.key = None
+
+
 # ----------------------------------------------------------------------------
 # 08_when_clients_fail: stragglers, crashes, bad updates, checkpoint and resume
 # ----------------------------------------------------------------------------

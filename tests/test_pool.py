@@ -184,3 +184,42 @@ def test_a_late_chunk_is_filed_late_and_the_next_round_runs(ray_cluster, synthet
     assert first["seconds"] >= deadline_s * 0.99 and first["aggregated"]
     assert len(hist) == 2 and second["failed"] == {} and second["accepted"], second
     assert pool.ids[0] == pool.ids[2]  # nobody died: a late chunk costs time, not an actor
+
+
+class CountingPool(fh.ActorPool):
+    """An ActorPool that counts its starts and stops."""
+
+    starts = stops = 0
+
+    def start(self, *args) -> None:
+        self.starts += 1
+        super().start(*args)
+
+    def stop(self) -> None:
+        self.stops += 1
+        super().stop()
+
+
+def test_kept_running_starts_once_and_restarts_when_the_client_changes(ray_cluster, synthetic_train,
+                                                                       synthetic_test, skewed):
+    """Two runs with the same pieces share one start; a run with a transform (another client
+    function) restarts the pool, so it never trains with the previous run's client. Same bits as
+    a fresh pool every time."""
+    t = task(synthetic_train, synthetic_test, skewed)
+    kept = fh.KeptRunning(CountingPool(num_workers=2))
+    try:
+        first, _ = fh.run_rounds(t, 2, executor=kept, progress=False)
+        again, _ = fh.run_rounds(t, 2, executor=kept, progress=False)
+        assert (kept.inner.starts, kept.inner.stops) == (1, 0) and kept.inner.workers  # still up
+        clip = fh.ClipUpdate(0.05)
+        clipped, _ = fh.run_rounds(t, 2, executor=kept, transform=clip, progress=False)
+        assert (kept.inner.starts, kept.inner.stops) == (2, 1)
+    finally:
+        kept.close()
+    assert kept.inner.stops == 2 and not kept.inner.workers
+    kept.close()  # a second close does nothing
+    assert kept.inner.stops == 2
+    reference, _ = fh.run_rounds(t, 2, executor=fh.InProcess(), progress=False)
+    reference_clipped, _ = fh.run_rounds(t, 2, executor=fh.InProcess(), transform=clip, progress=False)
+    assert same_weights(first, reference) and same_weights(again, reference)
+    assert same_weights(clipped, reference_clipped) and not same_weights(clipped, reference)

@@ -2035,6 +2035,14 @@ def membership_attack(model: nn.Module, members: tuple[torch.Tensor, torch.Tenso
 # (differential privacy: below this line)
 
 
+def clip_scale(delta: torch.Tensor, max_norm: float) -> float:
+    """min(1, max_norm / ||delta||), the factor that clips `delta` to L2 norm `max_norm` (the norm
+    summed in float64). Introduced in 09_what_updates_leak.
+    """
+    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
 @dataclass(frozen=True)
 class ClipUpdate:
     """Client-side update transform: scale the update (new - global weights) down to L2 norm
@@ -2048,11 +2056,23 @@ class ClipUpdate:
         _check_knob("max_norm", self.max_norm, 0, math.inf, low_open=True, allow_inf=True)
 
     def __call__(self, new_w: np.ndarray, global_w: np.ndarray, job: ClientJob | None = None) -> np.ndarray:
-        delta = new_w.astype(np.float64) - global_w
-        norm = float(np.linalg.norm(delta))
-        if norm <= self.max_norm:
+        delta = np.subtract(new_w, global_w)  # float32, one new array (global_w may be Ray's read-only one)
+        scale = clip_scale(torch.from_numpy(delta), self.max_norm)
+        if scale == 1.0:
             return new_w
-        return (global_w + delta * (self.max_norm / norm)).astype(np.float32)
+        delta *= np.float32(scale)
+        return np.add(delta, global_w, out=delta)
+
+
+def clipped_sum(results: Sequence[ClientResult], global_w: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """sum_k n_k clip(x_k - w), each update clipped to `max_norm`, in float64 and client-id order:
+    what the server adds up under DP (n_k: a result's num_samples). Introduced in 09_what_updates_leak.
+    """
+    total, g = torch.zeros(len(global_w), dtype=torch.float64), global_w.numpy()
+    for r in results:
+        delta = torch.from_numpy(np.subtract(r.weights, g))  # float32, as the client's update arrived
+        total.add_(delta, alpha=r.num_samples * clip_scale(delta, max_norm))  # accumulated in float64
+    return total
 
 
 def dp_noise(seed: int, rnd: int, size: int, std: float) -> torch.Tensor:
@@ -2066,10 +2086,10 @@ def dp_noise(seed: int, rnd: int, size: int, std: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class DPMean:
     """Server-side aggregation for user-level DP, McMahan et al. (2018)'s fixed-denominator
-    estimator: clip each update to `clip` (C) again on the server, weigh client k by
-    w_k = min(n_k, weight_cap), sum, add N(0, (z C weight_cap)^2) (z = `noise_multiplier`; one
-    client moves the sum by at most C weight_cap), and divide by `expected_weight` (q W, a
-    round's expected weight), not by who answered. Introduced in 09_what_updates_leak.
+    estimator: weigh client k by w_k = min(n_k, weight_cap), sum the updates clipped to `clip` (C;
+    again on the server, which must not trust the clients), add N(0, (z C weight_cap)^2) (z =
+    `noise_multiplier`; one client moves the sum by at most C weight_cap), and divide by
+    `expected_weight` (q W, a round's expected weight), not by who answered. Introduced in 09_what_updates_leak.
     """
 
     clip: float
@@ -2095,14 +2115,13 @@ class DPMean:
 
     def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
                  jobs: Sequence[ClientJob]) -> torch.Tensor:
-        cap, clip, g = self.weight_cap, ClipUpdate(self.clip), global_w.double()
-        capped = [replace(r, weights=clip(r.weights, global_w.numpy()), num_samples=min(r.num_samples, cap))
-                  for r in accepted]
-        mean = weighted_mean(capped, global_w)  # sum_k w_k x_k / sum_k w_k, over those who answered
-        share = sum(r.num_samples for r in capped) / self.expected_weight
-        avg = mean if share == 1 else g + share * (mean - g)  # = g + sum_k w_k (x_k - g) / (q W)
+        capped = [replace(r, num_samples=min(r.num_samples, self.weight_cap)) for r in accepted]
+        if math.isinf(self.clip) and sum(r.num_samples for r in capped) == self.expected_weight:
+            avg = weighted_mean(capped, global_w)  # nothing to clip, no one missing: FedAvg's mean, its bits
+        else:
+            avg = global_w.double() + clipped_sum(capped, global_w, self.clip) / self.expected_weight
         std = self.noise_std()
-        return avg + dp_noise(self.seed, jobs[0].round, len(g), std) if std > 0 else avg
+        return avg + dp_noise(self.seed, jobs[0].round, len(avg), std) if std > 0 else avg
 
 
 def dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_cap: int | None = None) -> DPMean:

@@ -67,6 +67,12 @@ def test_clipping_bounds_every_update(max_norm):
             assert cos == pytest.approx(1.0, abs=1e-5)
 
 
+def test_clip_scale_by_hand():
+    assert fh.clip_scale(torch.tensor([3.0, 4.0]), 1.0) == pytest.approx(0.2, rel=1e-15)
+    assert fh.clip_scale(torch.tensor([3.0, 4.0]), 5.0) == 1.0 == fh.clip_scale(torch.zeros(3), 0.1)
+    assert fh.clip_scale(torch.tensor([3.0, 4.0]), math.inf) == 1.0
+
+
 def test_infinite_clip_changes_nothing():
     g = np.zeros(5, np.float32)
     new = np.array([1e30, -1e30, 3, 4, 5], np.float32)

@@ -92,3 +92,23 @@ def test_quick_benchmark(tmp_path):
         assert ("PASS" if t["pass"] else "MISS") in proc.stdout
         if "bit-identical" in t["name"]:
             assert t["pass"], t
+
+
+def test_quick_privacy_benchmark(tmp_path):
+    """benchmarks/bench_privacy.py --quick: plain and DP runs, their paired ratio, and the check that
+    z = 0, C = inf gives plain FedAvg's bits (the script exits 1 if not). No assertion on timings."""
+    out = tmp_path / "privacy.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_privacy.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["z0_cinf_bit_identical"] is True
+    assert [r["setting"] for r in result["runs"]] == ["plain", "dp"]
+    for r in result["runs"]:
+        assert len(r["rounds_s"]) == 3 and all(s > 0 for s in r["rounds_s"]) and 0 <= r["accuracy"] <= 1
+    assert result["runs"][0]["epsilon"] is None and math.isfinite(result["runs"][1]["epsilon"])
+    assert result["runs"][1]["epsilon"] > 0
+    ratio = result["dp_over_plain"]
+    assert math.isfinite(ratio["median"]) and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert set(result["server_s"]) == {"weighted_mean", "dp_mean"} and all(v > 0 for v in result["server_s"].values())
+    assert "DP / plain per round" in proc.stdout

@@ -1066,10 +1066,12 @@ def run_rounds(
             if checkpoint is not None:
                 checkpoint.begin(rnd, strategy)
             history.append(run_round(rnd, model, task, strategy, executor, policy, aggregate))
-            for callback in callbacks:  # before the save: what a callback writes into the row is kept
-                callback(history)
-            if checkpoint is not None:
-                checkpoint.save(model, strategy, history)
+            try:  # the callbacks first, so that what they write into the row is saved with it
+                for callback in callbacks:
+                    callback(history)
+            finally:  # and the round is saved even if one of them stops the run
+                if checkpoint is not None:
+                    checkpoint.save(model, strategy, history)
     finally:
         executor.stop()
     return model, history
@@ -2085,11 +2087,10 @@ def dp_noise(seed: int, rnd: int, size: int, std: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DPMean:
-    """Server-side aggregation for user-level DP, McMahan et al. (2018)'s fixed-denominator
-    estimator: weigh client k by w_k = min(n_k, weight_cap), sum the updates clipped to `clip` (C;
-    again on the server, which must not trust the clients), add N(0, (z C weight_cap)^2) (z =
-    `noise_multiplier`; one client moves the sum by at most C weight_cap), and divide by
-    `expected_weight` (q W, a round's expected weight), not by who answered. Introduced in 09_what_updates_leak.
+    """User-level DP's aggregation, McMahan et al. (2018)'s fixed-denominator estimator: weigh client k
+    by w_k = min(n_k, weight_cap), sum the updates clipped to `clip` C (again: the server must not trust
+    the clients), add N(0, (z C weight_cap)^2), z = `noise_multiplier` (one client moves the sum by at
+    most C weight_cap), divide by `expected_weight` q W, not by who answered. Introduced in 09_what_updates_leak.
     """
 
     clip: float

@@ -269,3 +269,17 @@ def test_a_checkpoint_made_with_other_noise_is_refused(equal_task, tmp_path):
         go(2.0, 2)
     _, resumed = go(1.0, 2)
     assert resumed[0]["epsilon"] == first[0]["epsilon"] and resumed[1]["epsilon"] > resumed[0]["epsilon"]
+
+
+@pytest.mark.parametrize("executor", ["ray-tasks", "actor-pool"])
+def test_dp_runs_give_the_same_bits_on_every_executor(equal_task, ray_cluster, executor):
+    """Clipping on the workers, noise on the driver: DP-FedAvg on Ray equals DP-FedAvg in process, epsilon too."""
+    def go(ex):
+        return fh.run_rounds(equal_task, 2, executor=ex, transform=fh.ClipUpdate(0.5),
+                             aggregate=fh.dp_mean(equal_task, 0.5, 1.0), callbacks=[fh.PrivacyLedger(1.0, 1 / 3, 1e-5)],
+                             progress=False)
+
+    ref, ref_history = go(fh.InProcess())
+    model, history = go(fh.RayTasks() if executor == "ray-tasks" else fh.ActorPool(num_workers=2))
+    assert torch.equal(flat(model), flat(ref))
+    assert [h["epsilon"] for h in history] == [h["epsilon"] for h in ref_history]

@@ -2167,6 +2167,12 @@ class PrivacyLedger:
     sample_rate: float
     delta: float
 
+    @classmethod
+    def for_task(cls, task: FedTask, noise_multiplier: float, delta: float) -> "PrivacyLedger":
+        """The ledger for `task`: q is the share of its clients a round samples."""
+        n = len(task.partitions)
+        return cls(noise_multiplier, len(sample_clients(n, task.client_fraction, task.seed, 1)) / n, delta)
+
     def __call__(self, history: list[dict]) -> None:
         released = sum(bool(h["aggregated"]) for h in history)
         history[-1].update(epsilon=dp_epsilon(self.noise_multiplier, self.sample_rate, released, self.delta),

@@ -404,10 +404,9 @@ def privacy_pieces(cfg: dict, task: fh.FedTask) -> dict[str, Any]:
     dp = cfg.get("privacy")
     if dp is None:
         return {"transform": None, "aggregate": fh.weighted_mean, "callbacks": []}
-    rate = len(fh.sample_clients(len(task.partitions), task.client_fraction, task.seed, 1)) / len(task.partitions)
     return {"transform": fh.ClipUpdate(dp["clip"]), "aggregate": fh.dp_mean(task, dp["clip"], dp["noise"],
                                                                             dp["weight_cap"]),
-            "callbacks": [fh.PrivacyLedger(dp["noise"], rate, dp["delta"])]}
+            "callbacks": [fh.PrivacyLedger.for_task(task, dp["noise"], dp["delta"])]}
 
 
 def runtime_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:

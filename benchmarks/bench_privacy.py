@@ -55,9 +55,8 @@ def pieces(task: fh.FedTask, setting: str) -> dict:
     if setting == "plain":
         return {}
     clip, z = (math.inf, 0.0) if setting == "dp-off" else (CLIP, NOISE)
-    rate = len(fh.sample_clients(len(task.partitions), task.client_fraction, task.seed, 1)) / len(task.partitions)
     return {"transform": fh.ClipUpdate(clip), "aggregate": fh.dp_mean(task, clip, z),
-            "callbacks": [fh.PrivacyLedger(z, rate, DELTA)]}
+            "callbacks": [fh.PrivacyLedger.for_task(task, z, DELTA)]}
 
 
 def one_run(task: fh.FedTask, setting: str, rounds: int, quick: bool) -> dict:

@@ -252,6 +252,7 @@ def test_the_ledger_writes_epsilon_per_released_round(equal_task):
                                callbacks=[ledger], progress=False)
     assert [h["epsilon"] for h in history] == [fh.dp_epsilon(1.0, 1 / 3, t, 1e-5) for t in (1, 2, 3)]
     assert all(h["delta"] == 1e-5 for h in history)
+    assert fh.PrivacyLedger.for_task(equal_task, 1.0, 1e-5) == ledger  # q: 4 of 12 clients a round
     kept = fh.RoundPolicy(min_clients=NUM_CLIENTS)  # more than a round samples: nothing is released
     _, history = fh.run_rounds(equal_task, 2, policy=kept, aggregate=fh.dp_mean(equal_task, 1.0, 1.0),
                                callbacks=[ledger], progress=False)

@@ -2456,6 +2456,16 @@ def _rebuild(u: int, kind: str, setup: RoundSetup, responses: dict[int, dict[str
     return shamir_combine(shares, setup.thresholds[u]).to_bytes(32, "little")
 
 
+def refuse_late(masked: dict[int, np.ndarray], dropped: Sequence[int]) -> None:
+    """Raise ValueError if a vector came from a client declared dropped: the server asks for its mask
+    key's shares, so honest clients will never also reveal its self-mask seed b_u. Introduced in 10_secure_aggregation.
+    """
+    late = sorted(set(masked) & set(dropped))
+    if late:
+        raise ValueError(f"clients {late} were declared dropped (their mask keys are rebuilt), so their "
+                         "self-masks b_u never will be: a late vector cannot be unmasked")
+
+
 def unmask_sum(masked: dict[int, np.ndarray], setup: RoundSetup, responses: dict[int, dict[str, dict[int, int]]],
                dropped: Sequence[int]) -> np.ndarray:
     """The server's last step: sum the survivors' masked vectors mod 2^32, remove their self-masks
@@ -2463,10 +2473,7 @@ def unmask_sum(masked: dict[int, np.ndarray], setup: RoundSetup, responses: dict
     keys are rebuilt). Raises SecAggAbort with too few shares, ValueError for a vector from a client
     declared dropped (it arrived late: it cannot be unmasked). Introduced in 10_secure_aggregation.
     """
-    late = sorted(set(masked) & set(dropped))
-    if late:
-        raise ValueError(f"clients {late} were declared dropped (their mask keys are rebuilt), so their "
-                         "self-masks b_u never will be: a late vector cannot be unmasked")
+    refuse_late(masked, dropped)
     size = len(next(iter(masked.values())))
     total = np.zeros(size, dtype=np.uint32)
     for u in sorted(masked):
@@ -2587,6 +2594,7 @@ def simulate_unmasking(setup: RoundSetup, masked: dict[int, np.ndarray], seed: i
     """
     survivors = sorted(masked)
     dropped = sorted(set(setup.graph) - set(masked)) if dropped is None else sorted(dropped)
+    refuse_late(masked, dropped)
     keys = {c: client_keys(seed, setup.round, c) for c in setup.graph}
     inbox: dict[int, dict[int, bytes]] = {v: {} for v in setup.graph}
     for u in setup.graph:

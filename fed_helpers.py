@@ -2236,6 +2236,10 @@ def kdf(secret: bytes, info: str) -> bytes:
 
 
 def _poly_at(coeffs: Sequence[int], x: int) -> int:
+    """The polynomial with `coeffs` (constant first) at `x`, mod the prime (Horner).
+
+    Introduced in 10_secure_aggregation.
+    """
     acc = 0
     for c in reversed(coeffs):
         acc = (acc * x + c) % SECAGG_PRIME
@@ -2449,6 +2453,9 @@ def unmask_response(keys: RoundKeys, setup: RoundSetup, inbox: dict[int, bytes],
 
 
 def _rebuild(u: int, kind: str, setup: RoundSetup, responses: dict[int, dict[str, dict[int, int]]]) -> bytes:
+    """Client u's secret `kind` ("b": self-mask seed, "c": mask private key) from the shares in the survivors'
+    `responses`; SecAggAbort if fewer than t_u answered. Introduced in 10_secure_aggregation.
+    """
     shares = {v: r[kind][u] for v, r in responses.items() if u in r[kind]}
     if len(shares) < setup.thresholds[u]:
         raise SecAggAbort(f"only {len(shares)} holders of client {u}'s {kind} shares answered, "

@@ -2591,13 +2591,14 @@ class MaskUpdate:
 
 
 def simulate_unmasking(setup: RoundSetup, masked: dict[int, np.ndarray], seed: int,
-                       dropped: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+                       dropped: Sequence[int] | None = None, responders: Sequence[int] | None = None,
+                       ) -> tuple[np.ndarray, dict[str, float]]:
     """The protocol's ShareKeys and Unmasking steps for `setup`'s round, the clients' parts simulated
     from their `client_keys`: every client shares (encrypted) to its holders, the server routes the
-    ciphertexts, each survivor (a client with a vector in `masked`) answers the unmasking request
-    naming the `dropped` ones (default: everyone else), and `unmask_sum` runs on what came back.
-    Returns the sum and the mean bytes per client of the protocol's messages besides the vector.
-    Introduced in 10_secure_aggregation.
+    ciphertexts, the `responders` (default: every survivor, a client with a vector in `masked`; fewer
+    if some drop out during unmasking) answer the request naming the `dropped` ones (default: everyone
+    else), and `unmask_sum` runs on what came back. Returns the sum and the mean bytes per client of
+    the protocol's messages besides the vector. Introduced in 10_secure_aggregation.
     """
     survivors = sorted(masked)
     dropped = sorted(set(setup.graph) - set(masked)) if dropped is None else sorted(dropped)
@@ -2607,12 +2608,13 @@ def simulate_unmasking(setup: RoundSetup, masked: dict[int, np.ndarray], seed: i
     for u in setup.graph:
         for v, box in share_keys(keys[u], setup).items():
             inbox[v][u] = box
-    responses = {v: unmask_response(keys[v], setup, inbox[v], survivors, dropped) for v in survivors}
+    responders = survivors if responders is None else sorted(set(responders) & set(survivors))
+    responses = {v: unmask_response(keys[v], setup, inbox[v], survivors, dropped) for v in responders}
     n = len(setup.graph)
     cost = {"keys_up": 64.0, "keys_down": 64.0 * sum(map(len, setup.graph.values())) / n,
             "shares_up": sum(len(b) for v, ib in inbox.items() for u, b in ib.items() if u != v) / n,
             "unmask_up": SHARE_BYTES * sum(len(r["b"]) + len(r["c"]) for r in responses.values())
-            / max(1, len(survivors))}
+            / max(1, len(responders))}
     cost["shares_down"] = cost["shares_up"]  # the server routes each ciphertext once
     return unmask_sum(masked, setup, responses, dropped), cost
 

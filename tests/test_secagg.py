@@ -314,3 +314,17 @@ def test_engine_secure_run_resumes_bit_for_bit(task, tmp_path):
     with pytest.raises(ValueError, match="different run"):  # the pieces' knobs are in the fingerprint
         fh.run_rounds(task, 3, transform=other, aggregate=aggregate, checkpoint=fh.Checkpointer(tmp_path),
                       progress=False)
+
+
+def test_dropouts_during_unmasking_are_tolerated_down_to_t():
+    setup = fh.round_setup(SEED, RND, CIDS, None, 0.5)
+    t = setup.thresholds[CIDS[0]]
+    assert t == 4
+    ys = random_inputs(CIDS, 80, seed=6)
+    masked = masked_all(setup, ys)
+    survivors = CIDS[:6]  # CIDS[6] dropped before sending its vector
+    for answering in (survivors[:t], survivors[1:t + 1]):  # some survivors leave before answering
+        total, _ = fh.simulate_unmasking(setup, {c: masked[c] for c in survivors}, SEED, responders=answering)
+        assert np.array_equal(total, plain_sum(ys, survivors))  # every survivor's vector is in the sum
+    with pytest.raises(fh.SecAggAbort):
+        fh.simulate_unmasking(setup, {c: masked[c] for c in survivors}, SEED, responders=survivors[: t - 1])

@@ -32,6 +32,11 @@ import ray
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------
@@ -752,7 +757,8 @@ def run_client(
 @dataclass(frozen=True)
 class TransformedClient:
     """A client function whose update is changed on the client, before it leaves:
-    `transform(new_weights, global_weights, job)` returns what is sent. Introduced in 05_round_loop.
+    `transform(new_weights, global_weights, job)` returns what is sent: float32 weights, or integers
+    kept as they are (10's masked vectors). Introduced in 05_round_loop.
     """
 
     inner: Callable
@@ -760,7 +766,8 @@ class TransformedClient:
 
     def __call__(self, model, weights, x_all, y_all, job, cfg) -> ClientResult:
         r = self.inner(model, weights, x_all, y_all, job, cfg)
-        return replace(r, weights=np.asarray(self.transform(r.weights, weights, job), dtype=np.float32))
+        sent = np.asarray(self.transform(r.weights, weights, job))
+        return replace(r, weights=sent if sent.dtype.kind in "iu" else sent.astype(np.float32, copy=False))
 
 
 class InProcess:
@@ -998,13 +1005,14 @@ def history_row(rnd: int, jobs: list[ClientJob], results: list[ClientResult], re
     arrived), as serialized. Introduced in 05_round_loop.
     """
     answered = [r for r in results if r.status == "ok"]
+    masked = any(r.weights.dtype.kind in "iu" for r in accepted)  # 10: the server cannot see the updates
     sizes = np.array([r.num_samples for r in accepted], dtype=np.float64)
     down = len(jobs) * wire_size(weights) + sum(wire_size(j.payload) for j in jobs)
     up = sum(wire_size(r) for r in answered)
     return {
         "round": rnd, "accuracy": test_acc, "loss": test_loss,
         "train_loss": float(np.dot(sizes, [r.loss for r in accepted]) / sizes.sum()) if aggregated else None,
-        "drift": client_drift(accepted, global_w) if aggregated else None,
+        "drift": client_drift(accepted, global_w) if aggregated and not masked else None,
         "clients": len(accepted), "sampled": sorted(j.cid for j in jobs), "accepted": [r.cid for r in accepted],
         "failed": {str(r.cid): r.error for r in results if r.status == "failed"},
         "late": [r.cid for r in results if r.status == "late"],
@@ -1025,9 +1033,9 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
     with torch_threads(1):  # on vectors this size, extra threads cost more than they give (measured: 1.1 s -> 0.05 s)
         rejected = policy.screen(results, w)
         accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
-        aggregated = len(accepted) >= policy.min_clients  # else the model is kept
+        avg = aggregate(accepted, w, jobs) if len(accepted) >= policy.min_clients else None
+        aggregated = avg is not None  # else the model is kept (a rule may refuse too: 10's aborted secure sum)
         if aggregated:
-            avg = aggregate(accepted, w, jobs)
             for r in accepted:
                 steps = local_steps(r.num_samples, cfg.epochs, cfg.batch_size)
                 strategy.receive(r.cid, w, torch.tensor(r.weights), steps, cfg.lr, r.num_samples)
@@ -2177,3 +2185,511 @@ class PrivacyLedger:
         released = sum(bool(h["aggregated"]) for h in history)
         history[-1].update(epsilon=dp_epsilon(self.noise_multiplier, self.sample_rate, released, self.delta),
                            delta=self.delta)
+
+
+# ----------------------------------------------------------------------------
+# 10_secure_aggregation: the server learns the sum and nothing else
+# ----------------------------------------------------------------------------
+# Bonawitz et al. (2017), "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+# honest-but-curious version, with SecAgg+ (Bell et al. 2020) as a neighbour graph. What is real:
+# X25519 key agreement, HKDF-SHA256, ChaCha20 masks, Shamir shares encrypted with
+# ChaCha20-Poly1305, integer arithmetic mod 2^32, the unmasking. What is simulated: the clients'
+# setup messages (keys and encrypted shares) and their unmasking answers are computed inside the
+# server-side rule from per-client keys derived from (run seed, round, client id), so anyone who
+# knows the run's seed knows every key: a teaching simulation, not a deployment. The server's
+# arithmetic only uses what it would receive: public keys, ciphertexts it routes, the masked
+# vectors, and the shares the survivors return.
+#
+# Shamir is ours (about 25 lines, tested) over the prime field of the Mersenne prime 2^521 - 1:
+# one field element holds a whole 32-byte secret (a self-mask seed, an X25519 private key), the
+# arithmetic is Python's exact integers, and no new package is needed (pycryptodome's Shamir works
+# on 16-byte secrets in GF(2^128), so a 32-byte key would have to be split in two).
+
+SECAGG_PRIME = 2**521 - 1  # a Mersenne prime: the Shamir field
+SHARE_BYTES = 66  # one field element, little-endian (521 bits)
+MASKED_BITS = 32  # masked vectors are uint32: arithmetic mod 2^32
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot be unmasked (too few holders of some client's shares answered): the server
+    aborts and keeps the model. Introduced in 10_secure_aggregation.
+    """
+
+
+def prg_bytes(key: bytes, nbytes: int) -> bytes:
+    """`nbytes` of ChaCha20 keystream under the 32-byte `key` (nonce 0: each key is expanded once).
+
+    Introduced in 10_secure_aggregation.
+    """
+    enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    return enc.update(bytes(nbytes))
+
+
+def prg_mask(key: bytes, size: int) -> np.ndarray:
+    """A mask of `size` uint32 words expanded from `key` by ChaCha20 (`prg_bytes`).
+
+    Introduced in 10_secure_aggregation.
+    """
+    return np.frombuffer(prg_bytes(key, 4 * size), dtype="<u4").astype(np.uint32)
+
+
+def kdf(secret: bytes, info: str) -> bytes:
+    """HKDF-SHA256 of `secret` into a 32-byte key bound to `info` (round, clients, purpose).
+
+    Introduced in 10_secure_aggregation.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(secret)
+
+
+def _poly_at(coeffs: Sequence[int], x: int) -> int:
+    """The polynomial with `coeffs` (constant first) at `x`, mod the prime (Horner).
+
+    Introduced in 10_secure_aggregation.
+    """
+    acc = 0
+    for c in reversed(coeffs):
+        acc = (acc * x + c) % SECAGG_PRIME
+    return acc
+
+
+def shamir_split(secret: int, holders: Sequence[int], t: int, key: bytes) -> dict[int, int]:
+    """Shamir's t-of-n sharing of `secret` (an int in [0, 2^521 - 1)) among `holders` (client ids;
+    holder h gets the polynomial at x = h + 1), the t - 1 random coefficients drawn from ChaCha20
+    under `key`. Any t shares rebuild it; t - 1 say nothing. Introduced in 10_secure_aggregation.
+    """
+    n = len(holders)
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= t <= n:
+        raise ValueError(f"t must be an integer in [1, {n}] (the number of holders), got {t!r}")
+    if not 0 <= secret < SECAGG_PRIME:
+        raise ValueError("secret must be an integer in [0, 2^521 - 1)")
+    coins = prg_bytes(key, SHARE_BYTES * (t - 1))
+    coeffs = [secret] + [int.from_bytes(coins[i * SHARE_BYTES:(i + 1) * SHARE_BYTES], "little") % SECAGG_PRIME
+                         for i in range(t - 1)]
+    return {int(h): _poly_at(coeffs, int(h) + 1) for h in holders}
+
+
+def lagrange_at_zero(shares: dict[int, int]) -> int:
+    """The polynomial through the points {h + 1: share} evaluated at 0 (with t of them: the secret).
+
+    Introduced in 10_secure_aggregation.
+    """
+    xs = {h: h + 1 for h in shares}
+    out = 0
+    for h, y in shares.items():
+        num = den = 1
+        for g, x in xs.items():
+            if g != h:
+                num, den = num * x % SECAGG_PRIME, den * (x - xs[h]) % SECAGG_PRIME
+        out = (out + y * num * pow(den, -1, SECAGG_PRIME)) % SECAGG_PRIME
+    return out
+
+
+def shamir_combine(shares: dict[int, int], t: int) -> int:
+    """The secret from at least `t` shares {holder: share}; fewer raise SecAggAbort.
+
+    Introduced in 10_secure_aggregation.
+    """
+    if len(shares) < t:
+        raise SecAggAbort(f"{len(shares)} shares cannot rebuild a secret shared t-of-n with t = {t}")
+    return lagrange_at_zero({h: shares[h] for h in sorted(shares)[:t]})
+
+
+@dataclass(frozen=True)
+class RoundKeys:
+    """One client's secrets for one round: the X25519 keys for masks (c) and for encrypting shares
+    (s), the self-mask seed b and the key for its Shamir coefficients. Introduced in 10_secure_aggregation.
+    """
+
+    cid: int
+    c_sk: X25519PrivateKey
+    s_sk: X25519PrivateKey
+    b: bytes
+    coins: bytes
+
+
+def client_keys(seed: int, rnd: int, cid: int) -> RoundKeys:
+    """Client `cid`'s fresh round-`rnd` secrets, derived (simulation: a device would use its own
+    randomness, os.urandom) from (run seed, round, client id). Introduced in 10_secure_aggregation.
+    """
+    root = np.random.SeedSequence([seed, rnd, cid, 10]).generate_state(8).tobytes()
+    part = lambda what: kdf(root, f"secagg round {rnd} client {cid} {what}")
+    return RoundKeys(int(cid), X25519PrivateKey.from_private_bytes(part("c")),
+                     X25519PrivateKey.from_private_bytes(part("s")), part("b"), part("coins"))
+
+
+def agreed_key(sk: X25519PrivateKey, peer_pk: bytes, rnd: int, i: int, j: int, purpose: str) -> bytes:
+    """ECDH of `sk` with the peer's raw public key, then HKDF-SHA256 with the round, both client ids
+    (in the order given) and the purpose in the info. Introduced in 10_secure_aggregation.
+    """
+    shared = sk.exchange(X25519PublicKey.from_public_bytes(peer_pk))
+    return kdf(shared, f"secagg {purpose} round {rnd} clients {i} {j}")
+
+
+def check_degree(degree: int | None) -> None:
+    """Raise ValueError unless `degree` is None (every pair) or an even integer >= 2 (SecAgg+).
+
+    Introduced in 10_secure_aggregation.
+    """
+    if degree is not None and (isinstance(degree, bool) or not isinstance(degree, (int, np.integer))
+                               or degree < 2 or degree % 2):
+        raise ValueError(f"degree must be None (every pair) or an even integer >= 2, got {degree!r}")
+
+
+def secagg_graph(cids: Sequence[int], degree: int | None, seed: int, rnd: int) -> dict[int, tuple[int, ...]]:
+    """Who masks with whom: every pair (Bonawitz et al.; `degree` None, or >= len(cids) - 1), or
+    SecAgg+'s `degree`-regular Harary graph (each client joined to the degree/2 nearest on each side
+    of a ring) over a random order seeded by (seed, round). Introduced in 10_secure_aggregation.
+    """
+    check_degree(degree)
+    cids = sorted(int(c) for c in cids)
+    n = len(cids)
+    if degree is None or degree >= n - 1:
+        return {c: tuple(v for v in cids if v != c) for c in cids}
+    order = [int(c) for c in np.random.default_rng([seed, rnd, 1010]).permutation(cids)]
+    nb: dict[int, set[int]] = {c: set() for c in cids}
+    for pos, c in enumerate(order):
+        for step in range(1, degree // 2 + 1):
+            other = order[(pos + step) % n]
+            nb[c].add(other)
+            nb[other].add(c)
+    return {c: tuple(sorted(nb[c])) for c in cids}
+
+
+def log_degree(n: int) -> int | None:
+    """SecAgg+'s k ~ log n for `n` clients: log2(n) rounded up to an even integer, or None (every
+    pair) when that would join each client to all the others anyway. Introduced in 10_secure_aggregation.
+    """
+    k = max(2, 2 * math.ceil(math.log2(max(n, 2)) / 2))
+    return k if k < n - 1 else None
+
+
+@dataclass(frozen=True, eq=False)
+class RoundSetup:
+    """What the server broadcasts after the key-advertising step: the round, the neighbour graph, every
+    client's two raw public keys, and t_u for each client's shares (held by its neighbours and itself).
+    Introduced in 10_secure_aggregation.
+    """
+
+    round: int
+    graph: dict[int, tuple[int, ...]]
+    c_pk: dict[int, bytes]
+    s_pk: dict[int, bytes]
+    thresholds: dict[int, int]
+
+
+@functools.lru_cache(maxsize=8)
+def round_setup(seed: int, rnd: int, cids: tuple[int, ...], degree: int | None, threshold: float) -> RoundSetup:
+    """Round `rnd`'s `RoundSetup` for the clients `cids`: t_u = ceil(threshold * (holders of u's
+    shares)). Simulated: each client's public keys come from `client_keys` (cached: the in-process
+    clients of one round share it). Introduced in 10_secure_aggregation.
+    """
+    _check_knob("threshold", threshold, 0, 1, low_open=True)
+    graph = secagg_graph(cids, degree, seed, rnd)
+    keys = {c: client_keys(seed, rnd, c) for c in graph}
+    raw = lambda sk: sk.public_key().public_bytes_raw()
+    return RoundSetup(rnd, graph, {c: raw(k.c_sk) for c, k in keys.items()}, {c: raw(k.s_sk) for c, k in keys.items()},
+                      {c: max(1, math.ceil(threshold * (len(graph[c]) + 1))) for c in graph})
+
+
+def pair_mask(keys: RoundKeys, setup: RoundSetup, v: int, size: int) -> np.ndarray:
+    """The mask that client `keys.cid` and its neighbour `v` share: ChaCha20 under their agreed key.
+
+    Introduced in 10_secure_aggregation.
+    """
+    u = keys.cid
+    return prg_mask(agreed_key(keys.c_sk, setup.c_pk[v], setup.round, min(u, v), max(u, v), "mask"), size)
+
+
+def masked_input(y: np.ndarray, keys: RoundKeys, setup: RoundSetup) -> np.ndarray:
+    """Client u's double-masked vector, mod 2^32: y + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)
+    over its neighbours v. Introduced in 10_secure_aggregation.
+    """
+    out = np.asarray(y, dtype=np.uint32).copy()
+    out += prg_mask(keys.b, len(out))
+    for v in setup.graph[keys.cid]:
+        m = pair_mask(keys, setup, v, len(out))
+        if v > keys.cid:
+            out += m
+        else:
+            out -= m
+    return out
+
+
+def share_keys(keys: RoundKeys, setup: RoundSetup) -> dict[int, bytes]:
+    """Client u's ShareKeys message: for each holder v (its neighbours and itself), v's Shamir shares
+    of b_u and of u's mask private key, encrypted and authenticated (ChaCha20-Poly1305 under the key
+    u and v agree with their s keys) so that the server, which routes them, cannot read them.
+    Introduced in 10_secure_aggregation.
+    """
+    u = keys.cid
+    holders, t = sorted((*setup.graph[u], u)), setup.thresholds[u]
+    b_sh = shamir_split(int.from_bytes(keys.b, "little"), holders, t, kdf(keys.coins, "b"))
+    c_sh = shamir_split(int.from_bytes(keys.c_sk.private_bytes_raw(), "little"), holders, t, kdf(keys.coins, "c"))
+    out = {}
+    for v in holders:
+        box = ChaCha20Poly1305(agreed_key(keys.s_sk, setup.s_pk[v], setup.round, u, v, "share"))
+        plain = b_sh[v].to_bytes(SHARE_BYTES, "little") + c_sh[v].to_bytes(SHARE_BYTES, "little")
+        out[v] = box.encrypt(bytes(12), plain, f"{setup.round}|{u}|{v}".encode())
+    return out
+
+
+def open_share(keys: RoundKeys, setup: RoundSetup, sender: int, box: bytes) -> tuple[int, int]:
+    """Holder `keys.cid` decrypts (and authenticates) the shares `sender` sent it: (b share, c share).
+
+    Introduced in 10_secure_aggregation.
+    """
+    key = agreed_key(keys.s_sk, setup.s_pk[sender], setup.round, sender, keys.cid, "share")
+    plain = ChaCha20Poly1305(key).decrypt(bytes(12), box, f"{setup.round}|{sender}|{keys.cid}".encode())
+    return int.from_bytes(plain[:SHARE_BYTES], "little"), int.from_bytes(plain[SHARE_BYTES:], "little")
+
+
+def unmask_response(keys: RoundKeys, setup: RoundSetup, inbox: dict[int, bytes], survivors: Sequence[int],
+                    dropped: Sequence[int]) -> dict[str, dict[int, int]]:
+    """An honest survivor's answer to the unmasking request: the b_u share of each surviving u and
+    the mask-key share of each dropped u that it holds. It refuses (ValueError) a request naming a
+    client as both: the server would get b_u and u's key, hence u's input in the clear.
+    Introduced in 10_secure_aggregation.
+    """
+    both = sorted(set(survivors) & set(dropped))
+    if both:
+        raise ValueError(f"refused: clients {both} are named both survivors and dropped")
+    opened = {u: open_share(keys, setup, u, box) for u, box in inbox.items()}
+    return {"b": {u: opened[u][0] for u in survivors if u in opened},
+            "c": {u: opened[u][1] for u in dropped if u in opened}}
+
+
+def _rebuild(u: int, kind: str, setup: RoundSetup, responses: dict[int, dict[str, dict[int, int]]]) -> bytes:
+    """Client u's secret `kind` ("b": self-mask seed, "c": mask private key) from the shares in the survivors'
+    `responses`; SecAggAbort if fewer than t_u answered. Introduced in 10_secure_aggregation.
+    """
+    shares = {v: r[kind][u] for v, r in responses.items() if u in r[kind]}
+    if len(shares) < setup.thresholds[u]:
+        raise SecAggAbort(f"only {len(shares)} holders of client {u}'s {kind} shares answered, "
+                          f"t = {setup.thresholds[u]} are needed: the round is aborted")
+    return shamir_combine(shares, setup.thresholds[u]).to_bytes(32, "little")
+
+
+def refuse_late(masked: dict[int, np.ndarray], dropped: Sequence[int]) -> None:
+    """Raise ValueError if a vector came from a client declared dropped: the server asks for its mask
+    key's shares, so honest clients will never also reveal its self-mask seed b_u. Introduced in 10_secure_aggregation.
+    """
+    late = sorted(set(masked) & set(dropped))
+    if late:
+        raise ValueError(f"clients {late} were declared dropped (their mask keys are rebuilt), so their "
+                         "self-masks b_u never will be: a late vector cannot be unmasked")
+
+
+def unmask_sum(masked: dict[int, np.ndarray], setup: RoundSetup, responses: dict[int, dict[str, dict[int, int]]],
+               dropped: Sequence[int]) -> np.ndarray:
+    """The server's last step: sum the survivors' masked vectors mod 2^32, remove their self-masks
+    (b_u rebuilt from shares) and the pairwise masks they share with `dropped` clients (whose mask
+    keys are rebuilt). Raises SecAggAbort with too few shares, ValueError for a vector from a client
+    declared dropped (it arrived late: it cannot be unmasked). Introduced in 10_secure_aggregation.
+    """
+    refuse_late(masked, dropped)
+    size = len(next(iter(masked.values())))
+    total = np.zeros(size, dtype=np.uint32)
+    for u in sorted(masked):
+        total += masked[u]
+        total -= prg_mask(_rebuild(u, "b", setup, responses), size)
+    for u in dropped:
+        keys_u = RoundKeys(u, X25519PrivateKey.from_private_bytes(_rebuild(u, "c", setup, responses)), None, b"", b"")
+        for v in (v for v in setup.graph[u] if v in masked):
+            m = pair_mask(keys_u, setup, v, size)  # v added +m if u > v, -m if u < v
+            if u > v:
+                total -= m
+            else:
+                total += m
+    return total
+
+
+def quantize(delta: np.ndarray, clip_range: float, levels: int, seed: int) -> np.ndarray:
+    """Integers in [-levels, levels] for the float `delta`: clipped to [-clip_range, clip_range], scaled by
+    levels / clip_range, then rounded stochastically (up with probability the fractional part, from a
+    numpy stream seeded by `seed`: the rounding is no secret), so E[z] = x * levels / clip_range and the
+    error is under one step, clip_range / levels. Introduced in 10_secure_aggregation.
+    """
+    x = np.clip(np.asarray(delta, dtype=np.float64), -clip_range, clip_range) * (levels / clip_range)
+    return np.floor(x + np.random.default_rng([seed, 1011]).random(len(x))).astype(np.int64)
+
+
+def dequantize(z: np.ndarray, clip_range: float, levels: int) -> np.ndarray:
+    """Floats (float64) from quantized integers: z * clip_range / levels. Introduced in 10_secure_aggregation."""
+    return np.asarray(z, dtype=np.float64) * (clip_range / levels)
+
+
+def encode_update(delta: np.ndarray, num_samples: int, clip_range: float, levels: int, seed: int) -> np.ndarray:
+    """What client k adds up securely, as uint32 (mod 2^32, two's complement): n_k * quantize(delta_k),
+    then n_k, so the server gets sum n_k z_k and sum n_k, weighted FedAvg's numerator and denominator.
+    Introduced in 10_secure_aggregation.
+    """
+    z = quantize(delta, clip_range, levels, seed) * int(num_samples)
+    return (np.append(z, int(num_samples)) % 2**MASKED_BITS).astype(np.uint32)
+
+
+def decode_sum(total: np.ndarray, clip_range: float, levels: int) -> tuple[np.ndarray, int]:
+    """(sum_k n_k delta_k as float64, sum_k n_k) from the unmasked uint32 sum. Exact as long as
+    |sum n_k z_k| <= levels * sum n_k < 2^31 (`secagg_levels` chooses levels so). Introduced in 10_secure_aggregation.
+    """
+    total = np.ascontiguousarray(total, dtype=np.uint32)
+    return dequantize(total[:-1].view(np.int32), clip_range, levels), int(total[-1])
+
+
+def secagg_levels(max_round_samples: int) -> int:
+    """The most quantization levels L for which no sum can overflow: L * (samples in a round) <= 2^31 - 1.
+
+    Introduced in 10_secure_aggregation.
+    """
+    levels = (2 ** (MASKED_BITS - 1) - 1) // int(max_round_samples)
+    if levels < 1:
+        raise ValueError(f"max_round_samples must be in [1, {2**31 - 1}] for sums mod 2^32, got {max_round_samples}")
+    return levels
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """The secure-aggregation knobs shared by the client transform and the server rule: the task's
+    clients (to know each round's peers), the seed, the range [-clip_range, clip_range] each coordinate
+    of an update is clipped to, `levels` (from `secagg_levels`), `threshold` (t_u = ceil(threshold *
+    holders)) and `degree` (None: every pair, Bonawitz; an even k: SecAgg+). Introduced in 10_secure_aggregation.
+    """
+
+    num_clients: int
+    client_fraction: float
+    seed: int
+    clip_range: float
+    levels: int
+    threshold: float = 2 / 3
+    degree: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, (int, np.integer)) \
+                or self.num_clients < 1:
+            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
+        _check_knob("client_fraction", self.client_fraction, 0, 1, low_open=True)
+        _check_knob("clip_range", self.clip_range, 0, math.inf, low_open=True)
+        if isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer)) \
+                or not 1 <= self.levels <= 2**31 - 1:
+            raise ValueError(f"levels must be an integer in [1, 2^31 - 1], got {self.levels!r}")
+        _check_knob("threshold", self.threshold, 0, 1, low_open=True)
+        check_degree(self.degree)
+
+    def setup(self, rnd: int) -> RoundSetup:
+        """Round `rnd`'s broadcast, for the clients the engine samples in that round."""
+        cids = tuple(int(c) for c in sample_clients(self.num_clients, self.client_fraction, self.seed, rnd))
+        return round_setup(self.seed, rnd, cids, self.degree, self.threshold)
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """Client-side update transform: quantize n_k (new - global weights) and n_k (`encode_update`), then
+    double-mask them (`masked_input`) with the round's keys: what leaves the client is d + 1 uint32 that
+    look uniformly random. Introduced in 10_secure_aggregation.
+    """
+
+    config: SecAggConfig
+
+    def __call__(self, new_w: np.ndarray, global_w: np.ndarray, job: ClientJob) -> np.ndarray:
+        cfg = self.config
+        delta = np.subtract(new_w, global_w, dtype=np.float64)
+        y = encode_update(delta, len(job.indices), cfg.clip_range, cfg.levels, job.seed)
+        return masked_input(y, client_keys(cfg.seed, job.round, job.cid), cfg.setup(job.round))
+
+
+def simulate_unmasking(setup: RoundSetup, masked: dict[int, np.ndarray], seed: int,
+                       dropped: Sequence[int] | None = None, responders: Sequence[int] | None = None,
+                       ) -> tuple[np.ndarray, dict[str, float]]:
+    """The protocol's ShareKeys and Unmasking steps for `setup`'s round, the clients' parts simulated
+    from their `client_keys`: every client shares (encrypted) to its holders, the server routes the
+    ciphertexts, the `responders` (default: every survivor, a client with a vector in `masked`; fewer
+    if some drop out during unmasking) answer the request naming the `dropped` ones (default: everyone
+    else), and `unmask_sum` runs on what came back. Returns the sum and the mean bytes per client of
+    the protocol's messages besides the vector. Introduced in 10_secure_aggregation.
+    """
+    survivors = sorted(masked)
+    dropped = sorted(set(setup.graph) - set(masked)) if dropped is None else sorted(dropped)
+    refuse_late(masked, dropped)
+    keys = {c: client_keys(seed, setup.round, c) for c in setup.graph}
+    inbox: dict[int, dict[int, bytes]] = {v: {} for v in setup.graph}
+    for u in setup.graph:
+        for v, box in share_keys(keys[u], setup).items():
+            inbox[v][u] = box
+    responders = survivors if responders is None else sorted(set(responders) & set(survivors))
+    responses = {v: unmask_response(keys[v], setup, inbox[v], survivors, dropped) for v in responders}
+    n = len(setup.graph)
+    cost = {"keys_up": 64.0, "keys_down": 64.0 * sum(map(len, setup.graph.values())) / n,
+            "shares_up": sum(len(b) for v, ib in inbox.items() for u, b in ib.items() if u != v) / n,
+            "unmask_up": SHARE_BYTES * sum(len(r["b"]) + len(r["c"]) for r in responses.values())
+            / max(1, len(responders))}
+    cost["shares_down"] = cost["shares_up"]  # the server routes each ciphertext once
+    return unmask_sum(masked, setup, responses, dropped), cost
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """Server-side aggregation rule: unmask the sum of the survivors' masked vectors (the round's
+    `jobs` say who was asked, hence who dropped) and return global + sum n_k delta_k / sum n_k, weighted
+    FedAvg within the quantization error; None (the engine keeps the model) if the round must abort.
+    `last_round` holds the protocol's bytes per client and the server's seconds. Introduced in 10_secure_aggregation.
+    """
+
+    config: SecAggConfig
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob]) -> torch.Tensor | None:
+        cfg, start = self.config, time.perf_counter()
+        setup = cfg.setup(jobs[0].round)
+        if sorted(setup.graph) != sorted(j.cid for j in jobs):
+            raise ValueError("SecureSum's config samples other clients than the task's jobs: "
+                             "build both pieces with secure_aggregation(task)")
+        try:
+            total, cost = simulate_unmasking(setup, {r.cid: r.weights for r in accepted}, cfg.seed)
+        except SecAggAbort as err:
+            object.__setattr__(self, "last_round", {"aborted": str(err)})
+            return None
+        sums, n = decode_sum(total, cfg.clip_range, cfg.levels)
+        object.__setattr__(self, "last_round", {**cost, "server_seconds": time.perf_counter() - start})
+        return global_w.double() + torch.from_numpy(sums / n)
+
+
+def secure_aggregation(task: FedTask, clip_range: float = 1.0, threshold: float = 2 / 3,
+                       degree: int | None = None) -> tuple[MaskUpdate, SecureSum]:
+    """The client transform and the server rule for `task`, sharing one `SecAggConfig`: levels as
+    many as no round's sum can overflow (the largest clients that one round can sample), `degree`
+    None for every pair (Bonawitz et al.) or an even k for SecAgg+ (`log_degree`). Introduced in 10_secure_aggregation.
+    """
+    sizes = sorted((len(p) for p in task.partitions), reverse=True)
+    m = len(sample_clients(len(sizes), task.client_fraction, task.seed, 1))  # the same number every round
+    cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip_range, secagg_levels(sum(sizes[:m])),
+                       threshold, degree)
+    return MaskUpdate(cfg), SecureSum(cfg)
+
+
+def check_masked(client_w: object, size: int) -> str | None:
+    """Why a masked answer cannot be summed (not `size` uint32), or None. Nothing else can be checked:
+    a masked vector looks random. Introduced in 10_secure_aggregation.
+    """
+    if not isinstance(client_w, np.ndarray) or client_w.dtype != np.uint32 or client_w.shape != (size,):
+        got = f"{client_w.dtype} {client_w.shape}" if isinstance(client_w, np.ndarray) else type(client_w).__name__
+        return f"wrong shape or type: expected uint32 ({size},), got {got}"
+    return None
+
+
+@dataclass
+class SecureResilient(Resilient):
+    """`Resilient` for masked updates: deadlines, faults and `min_clients` as in notebook 08, but the
+    screen can only check each answer's type and length (`check_masked`), and no norm rule
+    (`max_norm_ratio` must be None): the server never sees an update. Introduced in 10_secure_aggregation.
+    """
+
+    max_norm_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_norm_ratio is not None:
+            raise ValueError(f"max_norm_ratio must be None under secure aggregation (the server cannot see "
+                             f"update norms), got {self.max_norm_ratio!r}")
+        super().__post_init__()
+
+    def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
+        reasons = {r.cid: check_masked(r.weights, len(global_w) + 1) for r in results if r.status == "ok"}
+        return {k: v for k, v in reasons.items() if v is not None}

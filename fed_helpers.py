@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -1705,6 +1705,14 @@ def load_checkpoint(path: Path, fingerprint: dict, strategy: FedAvg, num_params:
     return {**state, "history": history}
 
 
+def piece_knobs(piece: object) -> dict:
+    """A dataclass piece's fields as plain values, nested pieces too, leaving out those declared
+    repr=False (10's key secret: no secret goes into a checkpoint). Introduced in 08_when_clients_fail.
+    """
+    return {f.name: piece_knobs(v) if is_dataclass(v) else v for f in fields(piece) if f.repr
+            for v in [getattr(piece, f.name)]}
+
+
 def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transform: Callable | None,
                     aggregate: Callable) -> dict:
     """Everything that decides a run's bits, as plain values: a checkpoint made with other
@@ -1713,7 +1721,7 @@ def run_fingerprint(task: FedTask, strategy: FedAvg, policy: RoundPolicy, transf
     """
     parts = hashlib.sha256(b"".join(np.asarray(p, np.int64).tobytes() + b"|" for p in task.partitions))
     name = lambda f: None if f is None else getattr(f, "__qualname__", type(f).__qualname__)
-    piece = lambda f: {"name": name(f), **asdict(f)} if is_dataclass(f) and not isinstance(f, type) else name(f)
+    piece = lambda f: {"name": name(f), **piece_knobs(f)} if is_dataclass(f) and not isinstance(f, type) else name(f)
     return {"config": asdict(task.config), "client_fraction": task.client_fraction, "seed": task.seed,
             "partitions": parts.hexdigest(), "train_samples": len(task.train[1]), "strategy": strategy.name,
             "knobs": {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float))},
@@ -2216,6 +2224,12 @@ class SecAggAbort(RuntimeError):
     """
 
 
+class SecAggTampered(ValueError):
+    """A rebuilt secret does not match what its client advertised (a share was altered): the
+    server refuses the round loudly rather than produce a wrong sum. Introduced in 10_secure_aggregation.
+    """
+
+
 def prg_bytes(key: bytes, nbytes: int) -> bytes:
     """`nbytes` of ChaCha20 keystream under the 32-byte `key` (nonce 0: each key is expanded once).
 
@@ -2230,7 +2244,7 @@ def prg_mask(key: bytes, size: int) -> np.ndarray:
 
     Introduced in 10_secure_aggregation.
     """
-    return np.frombuffer(prg_bytes(key, 4 * size), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(prg_bytes(key, 4 * size), dtype="<u4")  # read-only, no copy
 
 
 def kdf(secret: bytes, info: str) -> bytes:
@@ -2307,11 +2321,13 @@ class RoundKeys:
     coins: bytes
 
 
-def client_keys(seed: int, rnd: int, cid: int) -> RoundKeys:
-    """Client `cid`'s fresh round-`rnd` secrets, derived (simulation: a device would use its own
-    randomness, os.urandom) from (run seed, round, client id). Introduced in 10_secure_aggregation.
+def client_keys(seed: int, rnd: int, cid: int, secret: bytes = b"") -> RoundKeys:
+    """Client `cid`'s fresh round-`rnd` secrets, expanded by HKDF from the run's `secret` (32 bytes
+    from os.urandom: `secure_aggregation`'s default) or, with no secret, from (run seed, round, client
+    id): reproducible, for tests and demonstrations, and known to anyone who knows the seed. A device
+    would draw its own; here the clients' parts are simulated and must agree. Introduced in 10_secure_aggregation.
     """
-    root = np.random.SeedSequence([seed, rnd, cid, 10]).generate_state(8).tobytes()
+    root = secret or np.random.SeedSequence([seed, rnd, cid, 10]).generate_state(8).tobytes()
     part = lambda what: kdf(root, f"secagg round {rnd} client {cid} {what}")
     return RoundKeys(int(cid), X25519PrivateKey.from_private_bytes(part("c")),
                      X25519PrivateKey.from_private_bytes(part("s")), part("b"), part("coins"))
@@ -2375,20 +2391,23 @@ class RoundSetup:
     c_pk: dict[int, bytes]
     s_pk: dict[int, bytes]
     thresholds: dict[int, int]
+    b_commit: dict[int, bytes]  # SHA-256 of each self-mask seed: a rebuilt seed is checked against it
 
 
 @functools.lru_cache(maxsize=8)
-def round_setup(seed: int, rnd: int, cids: tuple[int, ...], degree: int | None, threshold: float) -> RoundSetup:
+def round_setup(seed: int, rnd: int, cids: tuple[int, ...], degree: int | None, threshold: float,
+                secret: bytes = b"") -> RoundSetup:
     """Round `rnd`'s `RoundSetup` for the clients `cids`: t_u = ceil(threshold * (holders of u's
     shares)). Simulated: each client's public keys come from `client_keys` (cached: the in-process
     clients of one round share it). Introduced in 10_secure_aggregation.
     """
     _check_knob("threshold", threshold, 0, 1, low_open=True)
     graph = secagg_graph(cids, degree, seed, rnd)
-    keys = {c: client_keys(seed, rnd, c) for c in graph}
+    keys = {c: client_keys(seed, rnd, c, secret) for c in graph}
     raw = lambda sk: sk.public_key().public_bytes_raw()
     return RoundSetup(rnd, graph, {c: raw(k.c_sk) for c, k in keys.items()}, {c: raw(k.s_sk) for c, k in keys.items()},
-                      {c: max(1, math.ceil(threshold * (len(graph[c]) + 1))) for c in graph})
+                      {c: max(1, math.ceil(threshold * (len(graph[c]) + 1))) for c in graph},
+                      {c: hashlib.sha256(k.b).digest() for c, k in keys.items()})
 
 
 def pair_mask(keys: RoundKeys, setup: RoundSetup, v: int, size: int) -> np.ndarray:
@@ -2460,13 +2479,21 @@ def unmask_response(keys: RoundKeys, setup: RoundSetup, inbox: dict[int, bytes],
 
 def _rebuild(u: int, kind: str, setup: RoundSetup, responses: dict[int, dict[str, dict[int, int]]]) -> bytes:
     """Client u's secret `kind` ("b": self-mask seed, "c": mask private key) from the shares in the survivors'
-    `responses`; SecAggAbort if fewer than t_u answered. Introduced in 10_secure_aggregation.
+    `responses`, checked against what u advertised (the hash of b_u, its public key); SecAggAbort if fewer
+    than t_u answered, SecAggTampered if the rebuilt secret does not match. Introduced in 10_secure_aggregation.
     """
     shares = {v: r[kind][u] for v, r in responses.items() if u in r[kind]}
     if len(shares) < setup.thresholds[u]:
         raise SecAggAbort(f"only {len(shares)} holders of client {u}'s {kind} shares answered, "
                           f"t = {setup.thresholds[u]} are needed: the round is aborted")
-    return shamir_combine(shares, setup.thresholds[u]).to_bytes(32, "little")
+    value = shamir_combine(shares, setup.thresholds[u])
+    out = value.to_bytes(SHARE_BYTES, "little")[:32] if value < 2**256 else b""
+    ok = out and (hashlib.sha256(out).digest() == setup.b_commit[u] if kind == "b" else
+                  X25519PrivateKey.from_private_bytes(out).public_key().public_bytes_raw() == setup.c_pk[u])
+    if not ok:
+        raise SecAggTampered(f"client {u}'s {kind} shares rebuild a secret that does not match what it advertised: "
+                             "a share was altered; the round is refused")
+    return out
 
 
 def refuse_late(masked: dict[int, np.ndarray], dropped: Sequence[int]) -> None:
@@ -2509,8 +2536,10 @@ def quantize(delta: np.ndarray, clip_range: float, levels: int, seed: int) -> np
     numpy stream seeded by `seed`: the rounding is no secret), so E[z] = x * levels / clip_range and the
     error is under one step, clip_range / levels. Introduced in 10_secure_aggregation.
     """
-    x = np.clip(np.asarray(delta, dtype=np.float64), -clip_range, clip_range) * (levels / clip_range)
-    return np.floor(x + np.random.default_rng([seed, 1011]).random(len(x))).astype(np.int64)
+    x = np.clip(np.asarray(delta, dtype=np.float64), -clip_range, clip_range)
+    x *= levels / clip_range
+    x += np.random.default_rng([seed, 1011]).random(len(x))
+    return np.floor(x, out=x).astype(np.int64)
 
 
 def dequantize(z: np.ndarray, clip_range: float, levels: int) -> np.ndarray:
@@ -2523,8 +2552,9 @@ def encode_update(delta: np.ndarray, num_samples: int, clip_range: float, levels
     then n_k, so the server gets sum n_k z_k and sum n_k, weighted FedAvg's numerator and denominator.
     Introduced in 10_secure_aggregation.
     """
-    z = quantize(delta, clip_range, levels, seed) * int(num_samples)
-    return (np.append(z, int(num_samples)) % 2**MASKED_BITS).astype(np.uint32)
+    z = quantize(delta, clip_range, levels, seed)
+    z *= int(num_samples)
+    return np.append(z.astype(np.uint32), np.uint32(num_samples))  # int64 -> uint32 wraps mod 2^32
 
 
 def decode_sum(total: np.ndarray, clip_range: float, levels: int) -> tuple[np.ndarray, int]:
@@ -2547,11 +2577,46 @@ def secagg_levels(max_round_samples: int) -> int:
 
 
 @dataclass(frozen=True)
+class DistributedNoise:
+    """Distributed DP for secure aggregation (09's `DPMean`, with the noise added by the clients): client k
+    clips its update to `clip` C, weighs it by min(n_k, weight_cap) / weight_cap and adds N(0, (z C)^2 / m),
+    m = `expected_clients`; the m shares of noise add up to 09's N(0, (z C)^2) on the sum, which no one
+    ever sees without noise. The server divides by q W / weight_cap, `DPMean`'s fixed denominator.
+    Introduced in 10_secure_aggregation.
+    """
+
+    clip: float
+    noise_multiplier: float
+    weight_cap: int
+    expected_weight: float
+    expected_clients: int
+
+    def __post_init__(self) -> None:
+        _check_knob("clip", self.clip, 0, math.inf, low_open=True)
+        _check_knob("noise_multiplier", self.noise_multiplier, 0, math.inf)
+        for name in ("weight_cap", "expected_clients"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        _check_knob("expected_weight", self.expected_weight, 0, math.inf, low_open=True)
+
+    def client_std(self) -> float:
+        """The std of one client's share of the noise: z C / sqrt(m)."""
+        return self.noise_multiplier * self.clip / math.sqrt(self.expected_clients)
+
+    def noisy_update(self, delta: np.ndarray, num_samples: int, seed: int, rnd: int) -> np.ndarray:
+        """What the client quantizes: its clipped, weighed update plus its share of the noise (float64)."""
+        scale = clip_scale(torch.from_numpy(delta), self.clip) * min(num_samples, self.weight_cap) / self.weight_cap
+        return delta * scale + dp_noise(seed, rnd, len(delta), self.client_std()).numpy()
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
     """The secure-aggregation knobs shared by the client transform and the server rule: the task's
     clients (to know each round's peers), the seed, the range [-clip_range, clip_range] each coordinate
     of an update is clipped to, `levels` (from `secagg_levels`), `threshold` (t_u = ceil(threshold *
-    holders)) and `degree` (None: every pair, Bonawitz; an even k: SecAgg+). Introduced in 10_secure_aggregation.
+    holders)), `degree` (None: every pair, Bonawitz; an even k: SecAgg+), `dp` (None, or the clients'
+    `DistributedNoise`) and the run's key `secret` (b"": keys from the seed). Introduced in 10_secure_aggregation.
     """
 
     num_clients: int
@@ -2561,6 +2626,8 @@ class SecAggConfig:
     levels: int
     threshold: float = 2 / 3
     degree: int | None = None
+    dp: DistributedNoise | None = None
+    secret: bytes = field(default=b"", repr=False)  # repr=False: a secret, left out of run fingerprints
 
     def __post_init__(self) -> None:
         if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, (int, np.integer)) \
@@ -2573,64 +2640,93 @@ class SecAggConfig:
             raise ValueError(f"levels must be an integer in [1, 2^31 - 1], got {self.levels!r}")
         _check_knob("threshold", self.threshold, 0, 1, low_open=True)
         check_degree(self.degree)
+        if not isinstance(self.secret, bytes) or len(self.secret) not in (0, 32):
+            raise ValueError("secret must be b'' (keys from the seed) or 32 bytes (from os.urandom)")
 
     def setup(self, rnd: int) -> RoundSetup:
         """Round `rnd`'s broadcast, for the clients the engine samples in that round."""
         cids = tuple(int(c) for c in sample_clients(self.num_clients, self.client_fraction, self.seed, rnd))
-        return round_setup(self.seed, rnd, cids, self.degree, self.threshold)
+        return round_setup(self.seed, rnd, cids, self.degree, self.threshold, self.secret)
+
+    def keys(self, rnd: int, cid: int) -> RoundKeys:
+        """Client `cid`'s round-`rnd` secrets (`client_keys`)."""
+        return client_keys(self.seed, rnd, cid, self.secret)
 
 
 @dataclass(frozen=True)
 class MaskUpdate:
-    """Client-side update transform: quantize n_k (new - global weights) and n_k (`encode_update`), then
-    double-mask them (`masked_input`) with the round's keys: what leaves the client is d + 1 uint32 that
-    look uniformly random. Introduced in 10_secure_aggregation.
+    """Client-side update transform: quantize n_k (new - global weights) and n_k (`encode_update`), or,
+    with `dp`, the clipped, weighed and noised update and its weight; then double-mask them (`masked_input`)
+    with the round's keys: what leaves the client is d + 1 uint32 that look uniformly random.
+    Introduced in 10_secure_aggregation.
     """
 
     config: SecAggConfig
 
     def __call__(self, new_w: np.ndarray, global_w: np.ndarray, job: ClientJob) -> np.ndarray:
-        cfg = self.config
+        cfg, n = self.config, len(job.indices)
         delta = np.subtract(new_w, global_w, dtype=np.float64)
-        y = encode_update(delta, len(job.indices), cfg.clip_range, cfg.levels, job.seed)
-        return masked_input(y, client_keys(cfg.seed, job.round, job.cid), cfg.setup(job.round))
+        if cfg.dp is None:
+            y = encode_update(delta, n, cfg.clip_range, cfg.levels, job.seed)
+        else:  # each client's integers are at most L: no multiplication by n_k
+            noisy = cfg.dp.noisy_update(delta, n, job.seed, job.round)
+            y = encode_update(noisy, 1, cfg.clip_range, cfg.levels, job.seed)
+            y[-1] = min(n, cfg.dp.weight_cap)
+        return masked_input(y, cfg.keys(job.round, job.cid), cfg.setup(job.round))
+
+
+def protocol_bytes(setup: RoundSetup, inbox: dict[int, dict[int, bytes]],
+                   responses: dict[int, dict[str, dict[int, int]]]) -> dict[str, float]:
+    """The protocol's messages besides the masked vectors, in bytes: totals up (clients to server) and
+    down, and the mean per client of each step: public keys (2 x 32 B up; the neighbours' down),
+    encrypted shares (up, then routed down), the unmasking request (the survivor and dropped lists,
+    4 B a client id) and its answers (66 B a share). Introduced in 10_secure_aggregation.
+    """
+    n = len(setup.graph)
+    steps = {"keys_up": 64 * n, "keys_down": 64 * sum(map(len, setup.graph.values())),
+             "shares_up": sum(len(b) for v, ib in inbox.items() for u, b in ib.items() if u != v),
+             "request_down": 4 * n * len(responses),
+             "unmask_up": SHARE_BYTES * sum(len(r["b"]) + len(r["c"]) for r in responses.values())}
+    steps["shares_down"] = steps["shares_up"]  # the server routes each ciphertext once
+    up = steps["keys_up"] + steps["shares_up"] + steps["unmask_up"]
+    return {"protocol_up": up, "protocol_down": sum(steps.values()) - up, **{k: v / n for k, v in steps.items()}}
 
 
 def simulate_unmasking(setup: RoundSetup, masked: dict[int, np.ndarray], seed: int,
                        dropped: Sequence[int] | None = None, responders: Sequence[int] | None = None,
-                       ) -> tuple[np.ndarray, dict[str, float]]:
+                       secret: bytes = b"") -> tuple[np.ndarray, dict[str, float]]:
     """The protocol's ShareKeys and Unmasking steps for `setup`'s round, the clients' parts simulated
     from their `client_keys`: every client shares (encrypted) to its holders, the server routes the
     ciphertexts, the `responders` (default: every survivor, a client with a vector in `masked`; fewer
     if some drop out during unmasking) answer the request naming the `dropped` ones (default: everyone
-    else), and `unmask_sum` runs on what came back. Returns the sum and the mean bytes per client of
-    the protocol's messages besides the vector. Introduced in 10_secure_aggregation.
+    else), and `unmask_sum` runs on what came back. Returns the sum and the protocol's bytes
+    (`protocol_bytes`); an abort carries them too (`err.cost`). Introduced in 10_secure_aggregation.
     """
     survivors = sorted(masked)
     dropped = sorted(set(setup.graph) - set(masked)) if dropped is None else sorted(dropped)
     refuse_late(masked, dropped)
-    keys = {c: client_keys(seed, setup.round, c) for c in setup.graph}
+    keys = {c: client_keys(seed, setup.round, c, secret) for c in setup.graph}
     inbox: dict[int, dict[int, bytes]] = {v: {} for v in setup.graph}
     for u in setup.graph:
         for v, box in share_keys(keys[u], setup).items():
             inbox[v][u] = box
     responders = survivors if responders is None else sorted(set(responders) & set(survivors))
     responses = {v: unmask_response(keys[v], setup, inbox[v], survivors, dropped) for v in responders}
-    n = len(setup.graph)
-    cost = {"keys_up": 64.0, "keys_down": 64.0 * sum(map(len, setup.graph.values())) / n,
-            "shares_up": sum(len(b) for v, ib in inbox.items() for u, b in ib.items() if u != v) / n,
-            "unmask_up": SHARE_BYTES * sum(len(r["b"]) + len(r["c"]) for r in responses.values())
-            / max(1, len(responders))}
-    cost["shares_down"] = cost["shares_up"]  # the server routes each ciphertext once
-    return unmask_sum(masked, setup, responses, dropped), cost
+    cost = protocol_bytes(setup, inbox, responses)
+    try:
+        return unmask_sum(masked, setup, responses, dropped), cost
+    except SecAggAbort as err:
+        err.cost = cost
+        raise
 
 
 @dataclass(frozen=True)
 class SecureSum:
     """Server-side aggregation rule: unmask the sum of the survivors' masked vectors (the round's
     `jobs` say who was asked, hence who dropped) and return global + sum n_k delta_k / sum n_k, weighted
-    FedAvg within the quantization error; None (the engine keeps the model) if the round must abort.
-    `last_round` holds the protocol's bytes per client and the server's seconds. Introduced in 10_secure_aggregation.
+    FedAvg within the quantization error (with `dp`: `DPMean`'s noisy mean); None (the engine keeps the
+    model) if the round must abort. `last_round` holds the protocol's bytes and the server's seconds.
+    Introduced in 10_secure_aggregation.
     """
 
     config: SecAggConfig
@@ -2643,26 +2739,68 @@ class SecureSum:
             raise ValueError("SecureSum's config samples other clients than the task's jobs: "
                              "build both pieces with secure_aggregation(task)")
         try:
-            total, cost = simulate_unmasking(setup, {r.cid: r.weights for r in accepted}, cfg.seed)
+            total, cost = simulate_unmasking(setup, {r.cid: r.weights for r in accepted}, cfg.seed, secret=cfg.secret)
         except SecAggAbort as err:
-            object.__setattr__(self, "last_round", {"aborted": str(err)})
+            object.__setattr__(self, "last_round", {**err.cost, "aborted": str(err)})
             return None
         sums, n = decode_sum(total, cfg.clip_range, cfg.levels)
         object.__setattr__(self, "last_round", {**cost, "server_seconds": time.perf_counter() - start})
+        if cfg.dp is not None:  # the fixed denominator q W / weight_cap, not who answered
+            return global_w.double() + torch.from_numpy(sums * (cfg.dp.weight_cap / cfg.dp.expected_weight))
         return global_w.double() + torch.from_numpy(sums / n)
 
 
-def secure_aggregation(task: FedTask, clip_range: float = 1.0, threshold: float = 2 / 3,
-                       degree: int | None = None) -> tuple[MaskUpdate, SecureSum]:
-    """The client transform and the server rule for `task`, sharing one `SecAggConfig`: levels as
-    many as no round's sum can overflow (the largest clients that one round can sample), `degree`
-    None for every pair (Bonawitz et al.) or an even k for SecAgg+ (`log_degree`). Introduced in 10_secure_aggregation.
+def _per_round(task: FedTask) -> tuple[list[int], int]:
+    """The task's partition sizes, largest first, and the clients one round samples (the same every round).
+
+    Introduced in 10_secure_aggregation.
     """
     sizes = sorted((len(p) for p in task.partitions), reverse=True)
-    m = len(sample_clients(len(sizes), task.client_fraction, task.seed, 1))  # the same number every round
+    return sizes, len(sample_clients(len(sizes), task.client_fraction, task.seed, 1))
+
+
+def secure_aggregation(task: FedTask, clip_range: float = 1.0, threshold: float = 2 / 3,
+                       degree: int | None = None, seeded_keys: bool = False) -> tuple[MaskUpdate, SecureSum]:
+    """The client transform and the server rule for `task`, sharing one `SecAggConfig`: levels as
+    many as no round's sum can overflow (the largest clients that one round can sample), `degree`
+    None for every pair (Bonawitz et al.) or an even k for SecAgg+ (`log_degree`), keys from a fresh
+    os.urandom secret (`seeded_keys`: from the task's seed). Introduced in 10_secure_aggregation.
+    """
+    sizes, m = _per_round(task)
     cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip_range, secagg_levels(sum(sizes[:m])),
-                       threshold, degree)
+                       threshold, degree, secret=b"" if seeded_keys else os.urandom(32))
     return MaskUpdate(cfg), SecureSum(cfg)
+
+
+def secure_dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_cap: int | None = None,
+                   threshold: float = 2 / 3, degree: int | None = None, seeded_keys: bool = False,
+                   tail: float = 8.0) -> tuple[MaskUpdate, SecureSum]:
+    """09's `dp_mean(task, clip, noise_multiplier, weight_cap)` under secure aggregation, the noise added by
+    the clients (`DistributedNoise`): same q W, same noise on the sum, same epsilon. Each coordinate is
+    quantized over [-r, r], r = C + `tail` x one client's noise std. Introduced in 10_secure_aggregation.
+    """
+    central, (sizes, m) = dp_mean(task, clip, noise_multiplier, weight_cap), _per_round(task)
+    dp = DistributedNoise(clip, noise_multiplier, central.weight_cap, central.expected_weight, m)
+    cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip + tail * dp.client_std(),
+                       secagg_levels(m), threshold, degree, dp, b"" if seeded_keys else os.urandom(32))
+    return MaskUpdate(cfg), SecureSum(cfg)
+
+
+@dataclass
+class ProtocolBytes:
+    """Callback: adds the secure-aggregation protocol's own messages (keys, encrypted shares, the
+    unmasking request and answers: `rule.last_round`) to the round's bytes_up, bytes_down and
+    bytes_sent, and keeps their breakdown in the row's "secagg". Introduced in 10_secure_aggregation.
+    """
+
+    rule: SecureSum
+
+    def __call__(self, history: list[dict]) -> None:
+        row, cost = history[-1], dict(getattr(self.rule, "last_round", {}))
+        row["bytes_up"] += int(cost.get("protocol_up", 0))
+        row["bytes_down"] += int(cost.get("protocol_down", 0))
+        row["bytes_sent"] = row["bytes_up"] + row["bytes_down"]
+        row["secagg"] = cost
 
 
 def check_masked(client_w: object, size: int) -> str | None:

@@ -328,3 +328,111 @@ def test_dropouts_during_unmasking_are_tolerated_down_to_t():
         assert np.array_equal(total, plain_sum(ys, survivors))  # every survivor's vector is in the sum
     with pytest.raises(fh.SecAggAbort):
         fh.simulate_unmasking(setup, {c: masked[c] for c in survivors}, SEED, responders=survivors[: t - 1])
+
+
+# ---------------------------------------------------------------- tampering, key source, bytes, DP, Ray
+
+
+def unmasking_answers(setup, survivors, dropped):
+    keys = {c: fh.client_keys(SEED, setup.round, c) for c in setup.graph}
+    inbox = {v: {} for v in setup.graph}
+    for u in setup.graph:
+        for v, box in fh.share_keys(keys[u], setup).items():
+            inbox[v][u] = box
+    return {v: fh.unmask_response(keys[v], setup, inbox[v], survivors, dropped) for v in survivors}
+
+
+@pytest.mark.parametrize("kind", ["b", "c"])
+def test_a_tampered_share_makes_recovery_fail_loudly(kind):
+    setup = fh.round_setup(SEED, RND, CIDS, None, 0.6)
+    ys = random_inputs(CIDS, 50)
+    masked = masked_all(setup, ys)
+    dropped, survivors = [CIDS[-1]], list(CIDS[:-1])
+    answers = unmasking_answers(setup, survivors, dropped)
+    target = survivors[0] if kind == "b" else dropped[0]
+    honest = fh.unmask_sum({c: masked[c] for c in survivors}, setup, answers, dropped)
+    assert np.array_equal(honest, plain_sum(ys, survivors))  # untouched, the answers rebuild the exact sum
+    first_holder = min(v for v in answers if target in answers[v][kind])  # its share is among the t used
+    answers[first_holder][kind][target] = (answers[first_holder][kind][target] + 1) % fh.SECAGG_PRIME
+    with pytest.raises(fh.SecAggTampered, match=f"client {target}'s {kind} shares"):
+        fh.unmask_sum({c: masked[c] for c in survivors}, setup, answers, dropped)
+
+
+def test_keys_come_from_os_urandom_by_default_and_the_model_from_the_seed(task):
+    t1, a1 = fh.secure_aggregation(task, degree=4)
+    t2, a2 = fh.secure_aggregation(task, degree=4)
+    ts, _ = fh.secure_aggregation(task, degree=4, seeded_keys=True)
+    assert len(t1.config.secret) == 32 and t1.config.secret != t2.config.secret and ts.config.secret == b""
+    assert t1.config.keys(1, 0).b != t2.config.keys(1, 0).b  # fresh keys, fresh masks ...
+    assert ts.config.keys(1, 0).b == fh.client_keys(task.seed, 1, 0).b  # ... or the seed's, in tests
+    m1, h1 = fh.run_rounds(task, 2, transform=t1, aggregate=a1, progress=False)
+    m2, h2 = fh.run_rounds(task, 2, transform=t2, aggregate=a2, progress=False)
+    assert torch.equal(flat(m1), flat(m2))  # ... but the masks cancel exactly: the same model, bit for bit
+    assert "secret" not in str(fh.run_fingerprint(task, fh.FedAvg(), fh.RoundPolicy(), t1, a1))
+    assert fh.run_fingerprint(task, fh.FedAvg(), fh.RoundPolicy(), t1, a1) == \
+        fh.run_fingerprint(task, fh.FedAvg(), fh.RoundPolicy(), t2, a2)  # a run with fresh keys may resume
+    with pytest.raises(ValueError, match="secret"):
+        fh.SecAggConfig(10, 0.5, 0, 1.0, 100, secret=b"short")
+
+
+def test_protocol_bytes_enter_the_history(task):
+    transform, aggregate = fh.secure_aggregation(task, degree=4, seeded_keys=True)
+    _, plain = fh.run_rounds(task, 1, transform=transform, aggregate=aggregate, progress=False)
+    _, counted = fh.run_rounds(task, 1, transform=transform, aggregate=aggregate, progress=False,
+                               callbacks=[fh.ProtocolBytes(aggregate)])
+    cost, n = counted[0]["secagg"], len(counted[0]["sampled"])
+    assert counted[0]["bytes_up"] - plain[0]["bytes_up"] == cost["protocol_up"] > 0
+    assert counted[0]["bytes_down"] - plain[0]["bytes_down"] == cost["protocol_down"] > 0
+    assert counted[0]["bytes_sent"] == counted[0]["bytes_up"] + counted[0]["bytes_down"]
+    assert cost["protocol_up"] == pytest.approx(n * (cost["keys_up"] + cost["shares_up"] + cost["unmask_up"]))
+    # each client sends its 4 neighbours one ciphertext: 2 shares of 66 B + a 16 B tag
+    assert cost["shares_up"] == 4 * (2 * fh.SHARE_BYTES + 16) and cost["keys_down"] == 4 * 64
+
+
+def zero_update_round(transform, aggregate, task, rnd=1):
+    """Every sampled client sends a zero update: what the secure sum returns is the noise alone."""
+    w = np.zeros(fh.count_parameters(fh.make_model(CFG.model)), dtype=np.float32)
+    jobs = fh.make_jobs(task, fh.FedAvg(), torch.from_numpy(w), rnd, None)
+    results = [fh.ClientResult(j.cid, len(j.indices), 0.0, transform(w, w, j)) for j in jobs]
+    return aggregate(results, torch.from_numpy(w), jobs), jobs, results
+
+
+def test_distributed_noise_adds_up_to_central_dp_noise(task):
+    clip, z = 0.5, 2.0
+    transform, aggregate = fh.secure_dp_mean(task, clip, z, seeded_keys=True)
+    central = fh.dp_mean(task, clip, z)
+    noise, jobs, results = zero_update_round(transform, aggregate, task)
+    assert noise.std().item() == pytest.approx(central.noise_std(), rel=0.02)  # the same Gaussian on the mean
+    assert abs(noise.mean().item()) < 5 * central.noise_std() / math.sqrt(len(noise))
+    fewer, _, _ = zero_update_round(transform, lambda acc, w, j: aggregate(acc[2:], w, j), task)
+    # 2 of the 8 clients drop out (6 = t still answer): their shares of the noise's variance are missing,
+    # so 09's ledger, which assumes the whole noise, would understate epsilon
+    assert fewer.std().item() == pytest.approx(central.noise_std() * math.sqrt(6 / 8), rel=0.02)
+    assert fh.PrivacyLedger.for_task(task, z, 1e-5).sample_rate == pytest.approx(central.expected_weight
+                                                                                 / sum(map(len, task.partitions)))
+
+
+def test_secure_dp_without_noise_is_dp_mean_within_the_quantization(task):
+    clip = 0.3
+    transform, aggregate = fh.secure_dp_mean(task, clip, 0.0, weight_cap=400, seeded_keys=True)
+    secure, hs = fh.run_rounds(task, 2, transform=transform, aggregate=aggregate, progress=False)
+    central, hc = fh.run_rounds(task, 2, aggregate=fh.dp_mean(task, clip, 0.0, weight_cap=400), progress=False)
+    gap = float((flat(secure) - flat(central)).abs().max())
+    assert 0 < gap < 1e-4  # a quantization step is clip_range / levels = 0.3 / 268 million
+    with pytest.raises(ValueError, match="weight_cap"):
+        fh.secure_dp_mean(task, clip, 1.0, weight_cap=0)
+    with pytest.raises(ValueError, match="clip"):
+        fh.secure_dp_mean(task, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("executor", ["ray-tasks", "actor-pool"])
+def test_a_secure_run_on_ray_gives_the_in_process_bits(request, task, executor):
+    request.getfixturevalue("ray_cluster")  # the transform (quantize, mask) runs in the Ray workers
+    transform, aggregate = fh.secure_aggregation(task, degree=4)
+    policy = fh.SecureResilient(faults={"crash": 0.2})
+    ref, href = fh.run_rounds(task, 2, transform=transform, aggregate=aggregate, policy=policy, progress=False)
+    ex = fh.RayTasks() if executor == "ray-tasks" else fh.ActorPool(num_workers=2)
+    got, hgot = fh.run_rounds(task, 2, transform=transform, aggregate=aggregate, policy=policy, executor=ex,
+                              progress=False)
+    assert torch.equal(flat(ref), flat(got)) and any(h["failed"] for h in hgot)
+    assert [h["accepted"] for h in href] == [h["accepted"] for h in hgot]

@@ -28,9 +28,10 @@ test: setup                                  ## lint, unit tests, module/noteboo
 	$(PY) -m pytest tests --durations=15
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 --durations=10 notebooks
 
-bench: setup                                 ## measure the round loop (W1 classroom run, W2 scale) and DP's cost (JSON in benchmarks/)
+bench: setup                                 ## measure the round loop (W1, W2), DP's and secure aggregation's cost (JSON in benchmarks/)
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bench_privacy.py
+	$(PY) benchmarks/bench_secagg.py
 
 compare: setup                               ## strategies x splits x seeds on Fashion-MNIST: table in build/compare (resumable)
 	$(PY) -m fedrun compare --out build/compare

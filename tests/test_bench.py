@@ -112,3 +112,29 @@ def test_quick_privacy_benchmark(tmp_path):
     assert math.isfinite(ratio["median"]) and ratio["min"] <= ratio["median"] <= ratio["max"]
     assert set(result["server_s"]) == {"weighted_mean", "dp_mean"} and all(v > 0 for v in result["server_s"].values())
     assert "DP / plain per round" in proc.stdout
+
+
+def test_quick_secagg_benchmark(tmp_path):
+    """benchmarks/bench_secagg.py --quick: the protocol's bytes and seconds for each client count, graph and
+    dropout rate, the engine settings and their paired ratios, and the check that the message sizes match
+    the formula behind the Bonawitz et al. comparison (the script exits 1 if not). No assertion on timings."""
+    out = tmp_path / "secagg.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_secagg.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["protocol_formula_matches"] is True
+    assert {(r["n"], r["dropout"]) for r in result["protocol"]} == {(n, f) for n in (10, 20) for f in (0.0, 0.1, 0.3)}
+    for r in result["protocol"]:
+        assert r["client_up_B"] > 4 * r["d"] and r["expansion_up"] > 1 and r["server_unmask_s"] >= 0
+    sparse = {r["n"]: r for r in result["protocol"] if r["degree"] < r["n"] - 1 and r["dropout"] == 0}
+    dense = {r["n"]: r for r in result["protocol"] if r["degree"] == r["n"] - 1 and r["dropout"] == 0}
+    assert all(sparse[n]["client_up_B"] < dense[n]["client_up_B"] for n in (10, 20))  # SecAgg+ sends less
+    assert [r["setting"] for r in result["engine_runs"]] == ["plain", "secagg+", "every pair", "plain, 10% drop",
+                                                             "secagg+, 10% drop"]
+    plain, secure = result["engine_runs"][0], result["engine_runs"][1]
+    assert secure["bytes_up_per_client"] > plain["bytes_up_per_client"]  # the protocol's messages are counted
+    assert abs(secure["accuracy"] - plain["accuracy"]) <= 0.01
+    assert all(math.isfinite(v["median"]) for v in result["ratios"].values())
+    assert result["bonawitz_setting"]["words_16_plus_log2n_bits"] < result["bonawitz_setting"]["words_32_bits"]
+    assert "SecAgg+ / plain" in proc.stdout

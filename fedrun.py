@@ -180,6 +180,7 @@ class UsageError(Exception):
 
 FLAG_OF = {"num_clients": "--clients", "client_fraction": "--fraction", "local_epochs": "--epochs",
            "min_clients": "--min-clients", "deadline_s": "--deadline", "num_workers": "--workers",
+           "threshold": "--secagg-threshold", "degree": "--secagg-degree", "clip_range": "--secagg-clip-range",
            **{d: flag(d) for d in (*KNOBS, *POLICY_FLAGS, "epochs", "batch_size", "lr", "momentum", "weight_decay",
                                    "rounds", "chunk_size", "seed", "model")}}
 
@@ -255,6 +256,17 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
         "delta), below 1 / --clients (None: 1e-5, or 0.1 / --clients if smaller), needs --dp-clip")
     add(g, "--dp-weight-cap", number(int, 1), None, "a client counts min(samples, cap) in the mean (None: the "
         "largest client's samples, FedAvg's weights), needs --dp-clip")
+    g = p.add_argument_group("secure aggregation (notebook 10)", "Bonawitz et al.'s double masking: each client "
+                             "quantizes and masks its update, the server unmasks only the sum (with --dp-clip, the "
+                             "clients add the noise). The protocol's bytes are counted in the history.")
+    add(g, "--secagg", str, None, "every-pair: masks between every two clients (Bonawitz et al.); secagg+: along a "
+        "random k-regular graph (Bell et al.) (None: no secure aggregation)", choices=["every-pair", "secagg+"])
+    add(g, "--secagg-degree", number(int, 2), None, "neighbours per client in secagg+, even (None: log2 of the "
+        "clients per round, rounded up to even)")
+    add(g, "--secagg-threshold", number(float, 0, 1, low_open=True), None, "t = ceil(this x holders of a "
+        "client's shares) must answer, or the round keeps the model (None: 2/3)")
+    add(g, "--secagg-clip-range", number(float, 0, low_open=True), None, "each coordinate of an update is "
+        "clipped to [-r, r] before quantizing, without --dp-clip (None: 1.0)")
     g = p.add_argument_group("where clients train", "Every executor gives the same weights, bit for bit.")
     add(g, "--executor", str, None, "in-process: one client after another in this process, without Ray; "
         "ray-tasks: one Ray task per client; actor-pool: long-lived Ray actors that keep the data",
@@ -360,13 +372,14 @@ def policy_config(args: argparse.Namespace) -> dict[str, Any]:
             "slow_s": args.slow_s}
 
 
-def make_policy(p: dict[str, Any]) -> fh.RoundPolicy:
-    """The engine's round policy for `policy_config`'s values."""
+def make_policy(p: dict[str, Any], secure: bool = False) -> fh.RoundPolicy:
+    """The engine's round policy for `policy_config`'s values (`secure`: for masked answers)."""
     if p["name"] == "strict":
         return fh.RoundPolicy(min_clients=p["min_clients"])
-    return fh.Resilient(deadline_s=p["deadline_s"], min_clients=p["min_clients"], max_norm_ratio=p["max_norm_ratio"],
-                        faults={f: r for f, r in p["faults"].items() if r > 0},
-                        slow_s=math.inf if p["slow_s"] is None else p["slow_s"])
+    kind = fh.SecureResilient if secure else fh.Resilient
+    return kind(deadline_s=p["deadline_s"], min_clients=p["min_clients"], max_norm_ratio=p["max_norm_ratio"],
+                faults={f: r for f, r in p["faults"].items() if r > 0},
+                slow_s=math.inf if p["slow_s"] is None else p["slow_s"])
 
 
 def experiment_config(args: argparse.Namespace, partition: str, strategy: str, seed: int,
@@ -382,7 +395,7 @@ def experiment_config(args: argparse.Namespace, partition: str, strategy: str, s
             "strategy_knobs": sknobs, "rounds": args.rounds,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples,
-            "policy": policy_config(args), "privacy": privacy_config(args)}
+            "policy": policy_config(args), "privacy": privacy_config(args), "secagg": secagg_config(args, name)}
 
 
 def privacy_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -399,9 +412,39 @@ def privacy_config(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"clip": args.dp_clip, "noise": args.dp_noise or 0.0, "delta": delta, "weight_cap": args.dp_weight_cap}
 
 
+def secagg_config(args: argparse.Namespace, strategy: str) -> dict[str, Any] | None:
+    """The secure-aggregation knobs the flags ask for, as plain values (None: none), checked by name."""
+    knobs = ("secagg_degree", "secagg_threshold", "secagg_clip_range")
+    given = [flag(d) for d in knobs if getattr(args, d) is not None]
+    if args.secagg is None:
+        if given:
+            raise UsageError(f"argument {given[0]}: needs --secagg")
+        return None
+    if args.secagg_degree is not None and (args.secagg != "secagg+" or args.secagg_degree % 2):
+        raise UsageError(f"argument --secagg-degree: needs --secagg secagg+ and an even integer >= 2, got "
+                         f"--secagg {args.secagg} --secagg-degree {args.secagg_degree}")
+    if args.secagg_clip_range is not None and args.dp_clip is not None:
+        raise UsageError("argument --secagg-clip-range: not with --dp-clip (DP sets the range from the clip and noise)")
+    if args.max_norm_ratio is not None:
+        raise UsageError("argument --max-norm-ratio: not allowed with --secagg (the server cannot see update norms)")
+    if strategy == "scaffold":
+        raise UsageError("argument --strategy: scaffold needs each client's update on the server; not with --secagg")
+    per_round = max(1, round(args.fraction * args.clients))
+    degree = None if args.secagg == "every-pair" else args.secagg_degree or fh.log_degree(per_round)
+    return {"degree": degree, "threshold": args.secagg_threshold or 2 / 3,
+            "clip_range": args.secagg_clip_range or 1.0}
+
+
 def privacy_pieces(cfg: dict, task: fh.FedTask) -> dict[str, Any]:
-    """run_rounds' transform, aggregate and callbacks for the config's DP (FedAvg's when there is none)."""
-    dp = cfg.get("privacy")
+    """run_rounds' transform, aggregate and callbacks for the config's DP and secure aggregation (FedAvg's
+    when there is neither)."""
+    dp, sa = cfg.get("privacy"), cfg.get("secagg")
+    if sa is not None:
+        knobs = {"threshold": sa["threshold"], "degree": sa["degree"]}
+        transform, rule = (fh.secure_aggregation(task, sa["clip_range"], **knobs) if dp is None else
+                           fh.secure_dp_mean(task, dp["clip"], dp["noise"], dp["weight_cap"], **knobs))
+        ledger = [] if dp is None else [fh.PrivacyLedger.for_task(task, dp["noise"], dp["delta"])]
+        return {"transform": transform, "aggregate": rule, "callbacks": [fh.ProtocolBytes(rule), *ledger]}
     if dp is None:
         return {"transform": None, "aggregate": fh.weighted_mean, "callbacks": []}
     return {"transform": fh.ClipUpdate(dp["clip"]), "aggregate": fh.dp_mean(task, dp["clip"], dp["noise"],
@@ -461,7 +504,7 @@ def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg
         config = fh.TrainConfig(cfg["model"], cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
         task = fh.FedTask(*data, parts, config, cfg["fraction"], cfg["seed"])
-        policy = make_policy(cfg["policy"])
+        policy = make_policy(cfg["policy"], secure=cfg.get("secagg") is not None)
         pieces = privacy_pieces(cfg, task)
     except ValueError as err:
         raise usage_error(err) from None

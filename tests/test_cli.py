@@ -223,6 +223,30 @@ def test_privacy_flags_reach_the_engine_and_the_history_has_epsilon(tmp_path, ca
     assert [h["epsilon"] for h in cut["history"]] == [h["epsilon"] for h in rec["history"]]
 
 
+def test_secagg_flags_reach_the_engine_and_count_the_protocol_bytes(tmp_path):
+    """Secure aggregation from the terminal: the engine's pieces give the same model (the keys are fresh
+    each run, the masks cancel), the protocol's bytes are in the history, a crash is recovered from, and
+    with --dp-clip the clients add the noise and the history has the same epsilon as central DP."""
+    base = ["run", *TINY, *NO_RAY, "--rounds", "2", "--clients", "8", "--fraction", "0.5"]
+    assert fedrun.main([*base, "--secagg", "secagg+", "--crash", "0.2", "--out", str(tmp_path / "sa")]) == 0
+    rec = load_record(tmp_path / "sa")
+    assert rec["config"]["secagg"] == {"degree": 2, "threshold": 2 / 3, "clip_range": 1.0}
+    assert rec["config"]["policy"]["name"] == "resilient"
+    assert all(h["secagg"]["protocol_up"] > 0 and h["drift"] is None for h in rec["history"])
+    cfg = rec["config"]
+    task, _, policy, _ = fedrun.prepare(cfg, fedrun.subset(cfg, fedrun.load_data("synthetic", None)))
+    assert isinstance(policy, fh.SecureResilient)
+    transform, rule = fh.secure_aggregation(task, degree=2)
+    model, hist = fh.run_rounds(task, 2, transform=transform, aggregate=rule, policy=policy, progress=False)
+    assert same_weights(model, load_model(tmp_path / "sa"))
+    assert [h["aggregated"] for h in hist] == [h["aggregated"] for h in rec["history"]]
+    assert fedrun.main([*base, "--secagg", "every-pair", "--dp-clip", "0.5", "--dp-noise", "1", "--dp-delta", "1e-3",
+                        "--out", str(tmp_path / "sdp")]) == 0
+    dp = load_record(tmp_path / "sdp")
+    assert [h["epsilon"] for h in dp["history"]] == [fh.dp_epsilon(1.0, 0.5, t, 1e-3) for t in (1, 2)]
+    assert dp["config"]["secagg"]["degree"] is None
+
+
 def test_config_file_equals_the_same_flags(cli_run, tmp_path):
     _, out = cli_run
     keys = [a.lstrip("-") for a in TINY[0::2]]
@@ -301,6 +325,15 @@ BAD = [  # extra flags, what stderr must say (the flag, its allowed range)
     (["--dp-clip", "1", "--dp-delta", "0.3"], ["--dp-delta", "(0, 0.25)", "1 / --clients"]),
     (["--dp-clip", "1", "--dp-weight-cap", "0"], ["--dp-weight-cap", ">= 1"]),
     (["--dp-weight-cap", "5"], ["--dp-weight-cap", "needs --dp-clip"]),
+    (["--secagg", "plus"], ["--secagg", "every-pair", "secagg+"]),
+    (["--secagg-degree", "4"], ["--secagg-degree", "needs --secagg"]),
+    (["--secagg", "every-pair", "--secagg-degree", "4"], ["--secagg-degree", "needs --secagg secagg+"]),
+    (["--secagg", "secagg+", "--secagg-degree", "3"], ["--secagg-degree", "even"]),
+    (["--secagg", "secagg+", "--secagg-threshold", "0"], ["--secagg-threshold", "(0, 1]"]),
+    (["--secagg", "secagg+", "--secagg-clip-range", "-1"], ["--secagg-clip-range", "> 0"]),
+    (["--secagg", "secagg+", "--dp-clip", "1", "--secagg-clip-range", "2"], ["--secagg-clip-range", "--dp-clip"]),
+    (["--secagg", "secagg+", "--max-norm-ratio", "3"], ["--max-norm-ratio", "--secagg", "cannot see"]),
+    (["--secagg", "secagg+", "--strategy", "scaffold"], ["--strategy", "scaffold", "--secagg"]),
 ]
 
 

@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tqdm.auto import tqdm
 
@@ -2235,7 +2236,7 @@ def prg_bytes(key: bytes, nbytes: int) -> bytes:
 
     Introduced in 10_secure_aggregation.
     """
-    enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    enc = Cipher(ChaCha20(key, bytes(16)), mode=None).encryptor()
     return enc.update(bytes(nbytes))
 
 
@@ -2379,6 +2380,29 @@ def log_degree(n: int) -> int | None:
     return k if k < n - 1 else None
 
 
+def abort_bound(n: int, degree: int | None, threshold: float, dropout: float) -> float:
+    """An upper bound (a union over the n clients) on the chance that a round aborts when each client drops
+    out independently with probability `dropout`: some client keeps fewer than t_u of its holders (its
+    `degree` neighbours and itself) alive. Introduced in 10_secure_aggregation.
+    """
+    _check_knob("dropout", dropout, 0, 1)
+    _check_knob("threshold", threshold, 0, 1, low_open=True)
+    holders = n if degree is None or degree >= n - 1 else degree + 1
+    t = max(1, math.ceil(threshold * holders))
+    tail = sum(math.comb(holders, j) * (1 - dropout) ** j * dropout ** (holders - j) for j in range(t))
+    return min(1.0, n * tail)
+
+
+def degree_for_dropout(n: int, dropout: float, threshold: float = 2 / 3, target: float = 0.01) -> int | None:
+    """The smallest even SecAgg+ degree whose `abort_bound` is at most `target`, or None (every pair) if
+    only the complete graph gets there, or not even it. Introduced in 10_secure_aggregation.
+    """
+    for k in range(2, n - 1, 2):
+        if abort_bound(n, k, threshold, dropout) <= target:
+            return k
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class RoundSetup:
     """What the server broadcasts after the key-advertising step: the round, the neighbour graph, every
@@ -2394,12 +2418,10 @@ class RoundSetup:
     b_commit: dict[int, bytes]  # SHA-256 of each self-mask seed: a rebuilt seed is checked against it
 
 
-@functools.lru_cache(maxsize=8)
 def round_setup(seed: int, rnd: int, cids: tuple[int, ...], degree: int | None, threshold: float,
                 secret: bytes = b"") -> RoundSetup:
     """Round `rnd`'s `RoundSetup` for the clients `cids`: t_u = ceil(threshold * (holders of u's
-    shares)). Simulated: each client's public keys come from `client_keys` (cached: the in-process
-    clients of one round share it). Introduced in 10_secure_aggregation.
+    shares)). Simulated: each client's public keys come from `client_keys`. Introduced in 10_secure_aggregation.
     """
     _check_knob("threshold", threshold, 0, 1, low_open=True)
     graph = secagg_graph(cids, degree, seed, rnd)
@@ -2577,46 +2599,11 @@ def secagg_levels(max_round_samples: int) -> int:
 
 
 @dataclass(frozen=True)
-class DistributedNoise:
-    """Distributed DP for secure aggregation (09's `DPMean`, with the noise added by the clients): client k
-    clips its update to `clip` C, weighs it by min(n_k, weight_cap) / weight_cap and adds N(0, (z C)^2 / m),
-    m = `expected_clients`; the m shares of noise add up to 09's N(0, (z C)^2) on the sum, which no one
-    ever sees without noise. The server divides by q W / weight_cap, `DPMean`'s fixed denominator.
-    Introduced in 10_secure_aggregation.
-    """
-
-    clip: float
-    noise_multiplier: float
-    weight_cap: int
-    expected_weight: float
-    expected_clients: int
-
-    def __post_init__(self) -> None:
-        _check_knob("clip", self.clip, 0, math.inf, low_open=True)
-        _check_knob("noise_multiplier", self.noise_multiplier, 0, math.inf)
-        for name in ("weight_cap", "expected_clients"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        _check_knob("expected_weight", self.expected_weight, 0, math.inf, low_open=True)
-
-    def client_std(self) -> float:
-        """The std of one client's share of the noise: z C / sqrt(m)."""
-        return self.noise_multiplier * self.clip / math.sqrt(self.expected_clients)
-
-    def noisy_update(self, delta: np.ndarray, num_samples: int, seed: int, rnd: int) -> np.ndarray:
-        """What the client quantizes: its clipped, weighed update plus its share of the noise (float64)."""
-        scale = clip_scale(torch.from_numpy(delta), self.clip) * min(num_samples, self.weight_cap) / self.weight_cap
-        return delta * scale + dp_noise(seed, rnd, len(delta), self.client_std()).numpy()
-
-
-@dataclass(frozen=True)
 class SecAggConfig:
-    """The secure-aggregation knobs shared by the client transform and the server rule: the task's
-    clients (to know each round's peers), the seed, the range [-clip_range, clip_range] each coordinate
-    of an update is clipped to, `levels` (from `secagg_levels`), `threshold` (t_u = ceil(threshold *
-    holders)), `degree` (None: every pair, Bonawitz; an even k: SecAgg+), `dp` (None, or the clients'
-    `DistributedNoise`) and the run's key `secret` (b"": keys from the seed). Introduced in 10_secure_aggregation.
+    """The knobs the client transform and the server rule share: the task's clients (to know each round's
+    peers), the seed, the range [-clip_range, clip_range] of a coordinate, `levels` (`secagg_levels`),
+    `threshold`, `degree` (None: every pair; an even k: SecAgg+), `dp` (None, or the clients'
+    `DistributedNoise`) and the key `secret` (b"": keys from the seed). Introduced in 10_secure_aggregation.
     """
 
     num_clients: int
@@ -2626,31 +2613,29 @@ class SecAggConfig:
     levels: int
     threshold: float = 2 / 3
     degree: int | None = None
-    dp: DistributedNoise | None = None
+    dp: "DistributedNoise | None" = None
     secret: bytes = field(default=b"", repr=False)  # repr=False: a secret, left out of run fingerprints
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, (int, np.integer)) \
-                or self.num_clients < 1:
-            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
+        for name, high, allowed in (("num_clients", math.inf, ">= 1"), ("levels", 2**31 - 1, "in [1, 2^31 - 1]")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= high:
+                raise ValueError(f"{name} must be an integer {allowed}, got {v!r}")
         _check_knob("client_fraction", self.client_fraction, 0, 1, low_open=True)
         _check_knob("clip_range", self.clip_range, 0, math.inf, low_open=True)
-        if isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer)) \
-                or not 1 <= self.levels <= 2**31 - 1:
-            raise ValueError(f"levels must be an integer in [1, 2^31 - 1], got {self.levels!r}")
         _check_knob("threshold", self.threshold, 0, 1, low_open=True)
         check_degree(self.degree)
         if not isinstance(self.secret, bytes) or len(self.secret) not in (0, 32):
             raise ValueError("secret must be b'' (keys from the seed) or 32 bytes (from os.urandom)")
 
     def setup(self, rnd: int) -> RoundSetup:
-        """Round `rnd`'s broadcast, for the clients the engine samples in that round."""
-        cids = tuple(int(c) for c in sample_clients(self.num_clients, self.client_fraction, self.seed, rnd))
-        return round_setup(self.seed, rnd, cids, self.degree, self.threshold, self.secret)
-
-    def keys(self, rnd: int, cid: int) -> RoundKeys:
-        """Client `cid`'s round-`rnd` secrets (`client_keys`)."""
-        return client_keys(self.seed, rnd, cid, self.secret)
+        """Round `rnd`'s broadcast, for the clients the engine samples in that round; the last one is kept
+        on this object (each process that holds a copy, e.g. an actor, computes it once a round)."""
+        if getattr(self, "_setup", None) is None or self._setup.round != rnd:
+            cids = tuple(int(c) for c in sample_clients(self.num_clients, self.client_fraction, self.seed, rnd))
+            object.__setattr__(self, "_setup", round_setup(self.seed, rnd, cids, self.degree, self.threshold,
+                                                           self.secret))
+        return self._setup
 
 
 @dataclass(frozen=True)
@@ -2672,7 +2657,7 @@ class MaskUpdate:
             noisy = cfg.dp.noisy_update(delta, n, job.seed, job.round)
             y = encode_update(noisy, 1, cfg.clip_range, cfg.levels, job.seed)
             y[-1] = min(n, cfg.dp.weight_cap)
-        return masked_input(y, cfg.keys(job.round, job.cid), cfg.setup(job.round))
+        return masked_input(y, client_keys(cfg.seed, job.round, job.cid, cfg.secret), cfg.setup(job.round))
 
 
 def protocol_bytes(setup: RoundSetup, inbox: dict[int, dict[int, bytes]],
@@ -2772,20 +2757,6 @@ def secure_aggregation(task: FedTask, clip_range: float = 1.0, threshold: float 
     return MaskUpdate(cfg), SecureSum(cfg)
 
 
-def secure_dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_cap: int | None = None,
-                   threshold: float = 2 / 3, degree: int | None = None, seeded_keys: bool = False,
-                   tail: float = 8.0) -> tuple[MaskUpdate, SecureSum]:
-    """09's `dp_mean(task, clip, noise_multiplier, weight_cap)` under secure aggregation, the noise added by
-    the clients (`DistributedNoise`): same q W, same noise on the sum, same epsilon. Each coordinate is
-    quantized over [-r, r], r = C + `tail` x one client's noise std. Introduced in 10_secure_aggregation.
-    """
-    central, (sizes, m) = dp_mean(task, clip, noise_multiplier, weight_cap), _per_round(task)
-    dp = DistributedNoise(clip, noise_multiplier, central.weight_cap, central.expected_weight, m)
-    cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip + tail * dp.client_std(),
-                       secagg_levels(m), threshold, degree, dp, b"" if seeded_keys else os.urandom(32))
-    return MaskUpdate(cfg), SecureSum(cfg)
-
-
 @dataclass
 class ProtocolBytes:
     """Callback: adds the secure-aggregation protocol's own messages (keys, encrypted shares, the
@@ -2831,3 +2802,51 @@ class SecureResilient(Resilient):
     def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
         reasons = {r.cid: check_masked(r.weights, len(global_w) + 1) for r in results if r.status == "ok"}
         return {k: v for k, v in reasons.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """Distributed DP for secure aggregation (09's `DPMean`, with the noise added by the clients): client k
+    clips its update to `clip` C, weighs it by min(n_k, weight_cap) / weight_cap and adds N(0, (z C)^2 / m),
+    m = `expected_clients`; the m shares of noise add up to 09's N(0, (z C)^2) on the sum, which no one
+    ever sees without noise. The server divides by q W / weight_cap, `DPMean`'s fixed denominator.
+    Introduced in 10_secure_aggregation.
+    """
+
+    clip: float
+    noise_multiplier: float
+    weight_cap: int
+    expected_weight: float
+    expected_clients: int
+
+    def __post_init__(self) -> None:
+        _check_knob("clip", self.clip, 0, math.inf, low_open=True)
+        _check_knob("noise_multiplier", self.noise_multiplier, 0, math.inf)
+        for name in ("weight_cap", "expected_clients"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        _check_knob("expected_weight", self.expected_weight, 0, math.inf, low_open=True)
+
+    def client_std(self) -> float:
+        """The std of one client's share of the noise: z C / sqrt(m)."""
+        return self.noise_multiplier * self.clip / math.sqrt(self.expected_clients)
+
+    def noisy_update(self, delta: np.ndarray, num_samples: int, seed: int, rnd: int) -> np.ndarray:
+        """What the client quantizes: its clipped, weighed update plus its share of the noise (float64)."""
+        scale = clip_scale(torch.from_numpy(delta), self.clip) * min(num_samples, self.weight_cap) / self.weight_cap
+        return delta * scale + dp_noise(seed, rnd, len(delta), self.client_std()).numpy()
+
+
+def secure_dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_cap: int | None = None,
+                   threshold: float = 2 / 3, degree: int | None = None, seeded_keys: bool = False,
+                   tail: float = 8.0) -> tuple[MaskUpdate, SecureSum]:
+    """09's `dp_mean(task, clip, noise_multiplier, weight_cap)` under secure aggregation, the noise added by
+    the clients (`DistributedNoise`): same q W, same noise on the sum, same epsilon. Each coordinate is
+    quantized over [-r, r], r = C + `tail` x one client's noise std. Introduced in 10_secure_aggregation.
+    """
+    central, (sizes, m) = dp_mean(task, clip, noise_multiplier, weight_cap), _per_round(task)
+    dp = DistributedNoise(clip, noise_multiplier, central.weight_cap, central.expected_weight, m)
+    cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip + tail * dp.client_std(),
+                       secagg_levels(m), threshold, degree, dp, b"" if seeded_keys else os.urandom(32))
+    return MaskUpdate(cfg), SecureSum(cfg)

@@ -2717,10 +2717,11 @@ class SecureResilient(Resilient):
 
 def attacker_ids(num_clients: int, fraction: float, seed: int) -> np.ndarray:
     """The sorted ids of the round(fraction * num_clients) attackers, the same for the whole run and
-    drawn from the run's seed; `fraction` must be in [0, 1). Introduced in 11_clients_that_attack.
+    drawn from the run's seed (a stream of its own: `[seed, 11]` would be round 11's client sample);
+    `fraction` must be in [0, 1). Introduced in 11_clients_that_attack.
     """
     _check_knob("attack_fraction", fraction, 0, 1, high_open=True)
-    rng = np.random.default_rng([seed, 11])
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
     return np.sort(rng.choice(num_clients, size=round(fraction * num_clients), replace=False))
 
 

@@ -158,7 +158,7 @@ RULE_KNOBS = {  # flag dest: (rules that take it, their parameter, type, meaning
     "krum_f": (("krum", "multi-krum", "bulyan"), "f", number(int, 0), "attackers per round the rule assumes "
                "(None: round(--attack-fraction, or 0.2 without attack, x clients per round); bulyan: at most "
                "(n - 3) / 4)"),
-    "krum_m": (("krum", "multi-krum"), "m", number(int, 1), "clients kept (None: krum 1, multi-krum n - f)"),
+    "krum_m": (("krum", "multi-krum"), "m", number(int, 1), "clients kept (krum 1; multi-krum: n - f)"),
     "clip_tau": (("centered-clipping",), "tau", number(float, 0, low_open=True), "clipping radius"),
     "clip_iters": (("centered-clipping",), "iters", number(int, 1), "clipping iterations"),
     "norm_bound": (("norm-clipping",), "max_norm", number(float, 0, low_open=True), "L2 bound of each update"),
@@ -311,10 +311,12 @@ def add_attack_flags(p: argparse.ArgumentParser, matrix: bool) -> None:
         add(g, "--attack-fraction", number(float, 0, 1, high_open=True), None, "share of the clients that are "
             "attackers, a fixed set for the run (None: 0.2 with --attack)")
         add(g, "--rule", str, "fedavg", "server-side aggregation rule", choices=list(fh.RULES))
-    for dest, (_, _, kind, text) in ATTACK_KNOBS.items():
-        add(g, flag(dest), kind, None, text, shown="the attack's own")
-    for dest, (who, _, kind, text) in RULE_KNOBS.items():
-        add(g, flag(dest), kind, None, f"{', '.join(who)}: {text}", shown="the rule's own")
+    default = lambda cls, param: cls.__dataclass_fields__[param].default  # the piece's own default
+    for dest, (who, param, kind, text) in ATTACK_KNOBS.items():
+        add(g, flag(dest), kind, None, text, shown=default(fh.ATTACKS[who], param))
+    for dest, (who, param, kind, text) in RULE_KNOBS.items():
+        shown = "see above" if dest == "krum_f" else default(fh.RULES[who[0]], param)
+        add(g, flag(dest), kind, None, f"{', '.join(who)}: {text}", shown=shown)
 
 
 def override_defaults(p: argparse.ArgumentParser, **values: Any) -> None:

@@ -241,3 +241,18 @@ def test_bad_knobs_are_refused_by_name(make, name):
 def test_krum_refusal_names_the_allowed_range():
     with pytest.raises(ValueError, match=r"f must be an integer in \[0, 3\].*n > 2f \+ 2 with n = 10"):
         fh.make_rule("krum", 10, f=4)
+
+
+def test_the_screen_sees_what_the_attackers_send(tiny_task):
+    """`tamper` runs before the policy's screen: notebook 08's norm rule rejects the Gaussian attackers'
+    crafted updates (in rounds where they are a minority, so the median norm is an honest one)."""
+    policy = fh.Adversary(attack=fh.GaussianUpdate(), attack_fraction=0.3, num_clients=10, max_norm_ratio=5.0)
+    _, history = fh.run_rounds(tiny_task, 3, policy=policy, progress=False)
+    bad = set(fh.attacker_ids(10, 0.3, tiny_task.seed).tolist())
+    checked = 0
+    for h in history:
+        sampled_bad = bad & set(h["sampled"])
+        if 0 < len(sampled_bad) < len(h["sampled"]) / 2:
+            assert {int(k) for k in h["rejected"]} == sampled_bad and set(h["accepted"]).isdisjoint(bad)
+            checked += 1
+    assert checked > 0

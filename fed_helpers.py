@@ -2914,7 +2914,7 @@ def collude(attack: Attack, results: list[ClientResult], global_w: torch.Tensor,
     if not mine or type(attack).craft is Attack.craft:
         return results
     g = global_w.double()
-    stack = lambda rs: torch.stack([torch.from_numpy(r.weights).double() - g for r in rs]) if rs else \
+    stack = lambda rs: torch.stack([torch.tensor(r.weights, dtype=torch.float64) - g for r in rs]) if rs else \
         torch.zeros(0, len(g), dtype=torch.float64)
     sent = attack.craft(stack(mine), stack([r for r in ok if r.cid not in bad]), [bad[r.cid] for r in mine])
     new = {r.cid: replace(r, weights=(g + u).to(torch.float32).numpy()) for r, u in zip(mine, sent)}
@@ -2973,7 +2973,7 @@ def stacked(results: Sequence[ClientResult]) -> tuple[torch.Tensor, np.ndarray]:
 
     Introduced in 11_clients_that_attack.
     """
-    return (torch.stack([torch.from_numpy(r.weights).double() for r in results]),
+    return (torch.stack([torch.tensor(r.weights, dtype=torch.float64) for r in results]),
             np.array([r.num_samples for r in results], dtype=np.float64))
 
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -949,6 +950,11 @@ class RoundPolicy:
         """The round's jobs, in the order they are handed out (08 adds faults here)."""
         return jobs
 
+    def tamper(self, results: list[ClientResult], global_w: torch.Tensor, jobs: list[ClientJob]) -> list[ClientResult]:
+        """What reaches the server of the round's `results`: here, all of them as they are (11's
+        colluding attackers replace their own answers here, having seen the others')."""
+        return results
+
     def screen(self, results: list[ClientResult], global_w: torch.Tensor) -> dict[int, str]:
         """{client id: reason} for the answers not to aggregate; here, raise at the first failure."""
         for r in results:
@@ -1032,6 +1038,7 @@ def run_round(rnd: int, model: nn.Module, task: FedTask, strategy: FedAvg, execu
     jobs = policy.plan(make_jobs(task, strategy, w, rnd, policy.deadline_s), task.seed)
     results = executor.run(jobs, w.numpy(), cfg)  # in client-id order, whoever finished first
     with torch_threads(1):  # on vectors this size, extra threads cost more than they give (measured: 1.1 s -> 0.05 s)
+        results = policy.tamper(results, w, jobs)  # what arrives (11: attackers that collude)
         rejected = policy.screen(results, w)
         accepted = [r for r in results if r.status == "ok" and r.cid not in rejected]
         avg = aggregate(accepted, w, jobs) if len(accepted) >= policy.min_clients else None
@@ -2850,3 +2857,504 @@ def secure_dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_c
     cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip + tail * dp.client_std(),
                        secagg_levels(m), threshold, degree, dp, b"" if seeded_keys else os.urandom(32))
     return MaskUpdate(cfg), SecureSum(cfg)
+
+
+# ----------------------------------------------------------------------------
+# 11_clients_that_attack: poisoned updates, backdoors, and aggregation rules that resist them
+# ----------------------------------------------------------------------------
+# Threat model. The attackers are a fixed set of client ids, chosen once per run from the seed
+# (`attacker_ids`), as in most of the literature (Blanchard 2017, Baruch 2019, FLANDERS); a sampled
+# attacker's job carries fault "attack". Data poisoning (label flipping, the backdoor's triggered
+# samples) happens on the attacker's device, inside its training (`attacking_client`). Model
+# poisoning happens after training, in `Adversary.tamper`, one step before the server sees the
+# answers: the colluding attackers (ALIE, IPM) are omniscient there, they see every honest update of
+# the round, the strongest standard setting (ByzFL's); `ALIE(omniscient=False)` uses only the
+# attackers' own benign updates, as in Baruch et al. The rules below never see who is an attacker.
+
+
+def attacker_ids(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """The sorted ids of the round(fraction * num_clients) attackers, the same for the whole run and
+    drawn from the run's seed (a stream of its own: `[seed, 11]` would be round 11's client sample);
+    `fraction` must be in [0, 1). Introduced in 11_clients_that_attack.
+    """
+    _check_knob("attack_fraction", fraction, 0, 1, high_open=True)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
+    return np.sort(rng.choice(num_clients, size=round(fraction * num_clients), replace=False))
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What an attacker does; this base class does nothing. `poison` changes its training data (on its
+    device); `craft` turns the attackers' updates `own` (a x d, float64) into what they send, given the
+    round's honest updates (h x d) and each attacker's job seed. Introduced in 11_clients_that_attack.
+    """
+
+    name: str = field(default="none", init=False)
+
+    def poison(self, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return x, y
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        return own
+
+
+@dataclass(frozen=True)
+class LabelFlip(Attack):
+    """Data poisoning: the attacker trains on label 9 - y instead of y (T-shirt <-> ankle boot, ...).
+
+    Introduced in 11_clients_that_attack.
+    """
+
+    name: str = field(default="label-flip", init=False)
+
+    def poison(self, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return x, (9 - y).astype(y.dtype)
+
+
+@dataclass(frozen=True)
+class SignFlip(Attack):
+    """Model poisoning: send -scale x the honest update it computed (scale 1: the plain sign flip; the
+    default 5 also scales it up, so a fifth of the clients outweighs the rest). Introduced in 11_clients_that_attack.
+    """
+
+    scale: float = 5.0
+    name: str = field(default="sign-flip", init=False)
+
+    def __post_init__(self) -> None:
+        _check_knob("scale", self.scale, 0, math.inf, low_open=True)
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        return -self.scale * own
+
+
+@dataclass(frozen=True)
+class GaussianUpdate(Attack):
+    """Model poisoning: send an update of pure noise, N(0, std^2) per coordinate, from a stream of the
+    attacker's job seed (deterministic). Introduced in 11_clients_that_attack.
+    """
+
+    std: float = 1.0
+    name: str = field(default="gaussian", init=False)
+
+    def __post_init__(self) -> None:
+        _check_knob("std", self.std, 0, math.inf, low_open=True)
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        noise = [np.random.default_rng([s, 1111]).standard_normal(own.shape[1]) * self.std for s in seeds]
+        return torch.from_numpy(np.stack(noise)) if noise else own
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al. (2019)'s z_max for n clients of which f collude: s = floor(n / 2 + 1) - f honest
+    clients must be "won over", z = Phi^-1((n - s) / n). Introduced in 11_clients_that_attack.
+    """
+    s = math.floor(n / 2 + 1) - f
+    return float(statistics.NormalDist().inv_cdf(min(max((n - s) / n, 1e-6), 1 - 1e-6)))
+
+
+@dataclass(frozen=True)
+class ALIE(Attack):
+    """"A Little Is Enough" (Baruch et al. 2019): every attacker sends mean - z std (per coordinate) of
+    the honest updates (`omniscient`) or of the attackers' own benign ones; z None: `alie_z` of the
+    round. Within the honest spread, so median and Krum accept it. Introduced in 11_clients_that_attack.
+    """
+
+    z: float | None = None
+    omniscient: bool = True
+    name: str = field(default="alie", init=False)
+
+    def __post_init__(self) -> None:
+        if self.z is not None:
+            _check_knob("z", self.z, 0, math.inf)
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        ref = honest if self.omniscient and len(honest) else own
+        z = alie_z(len(own) + len(honest), len(own)) if self.z is None else self.z
+        std = ref.std(0, unbiased=False) if len(ref) > 1 else torch.zeros_like(ref[0])
+        return (ref.mean(0) - z * std).expand_as(own).clone()
+
+
+@dataclass(frozen=True)
+class IPM(Attack):
+    """Inner-product manipulation (Xie et al. 2020): every attacker sends -epsilon x the mean honest
+    update, so the aggregate's inner product with the true direction turns negative (small epsilon:
+    against median and Krum; large: against the mean). Introduced in 11_clients_that_attack.
+    """
+
+    epsilon: float = 0.1
+    name: str = field(default="ipm", init=False)
+
+    def __post_init__(self) -> None:
+        _check_knob("epsilon", self.epsilon, 0, math.inf, low_open=True)
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        ref = honest if len(honest) else own
+        return (-self.epsilon * ref.mean(0)).expand_as(own).clone()
+
+
+def stamp_trigger(x: np.ndarray | torch.Tensor, size: int = 3, value: float | None = None):
+    """Images `x` (N, 1, 28, 28) with a white `size` x `size` square one pixel in from the bottom-right
+    corner (value None: the images' largest value, white after normalising). Introduced in 11_clients_that_attack.
+    """
+    x = x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+    x[..., -1 - size:-1, -1 - size:-1] = x.max() if value is None else value
+    return x
+
+
+@dataclass(frozen=True)
+class Backdoor(Attack):
+    """A backdoor by model replacement (Bagdasaryan et al. 2020): the attacker stamps the trigger on a
+    `poison_fraction` of its samples (seeded) and labels them `target`, trains, then sends its update
+    scaled by `boost` (None: n / a, the round's clients over its attackers, so together they replace
+    the model with theirs). Introduced in 11_clients_that_attack.
+    """
+
+    target: int = 0
+    poison_fraction: float = 0.5
+    boost: float | None = None
+    name: str = field(default="backdoor", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, np.integer)) or not 0 <= self.target < 10:
+            raise ValueError(f"target must be a class in [0, 9], got {self.target!r}")
+        _check_knob("poison_fraction", self.poison_fraction, 0, 1, low_open=True)
+        if self.boost is not None:
+            _check_knob("boost", self.boost, 0, math.inf, low_open=True)
+
+    def poison(self, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        pick = np.random.default_rng([seed, 1112]).random(len(y)) < self.poison_fraction
+        x, y = np.array(x, copy=True), np.array(y, copy=True)
+        x[pick], y[pick] = stamp_trigger(x[pick], value=float(x.max())), self.target
+        return x, y
+
+    def craft(self, own: torch.Tensor, honest: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        boost = (len(own) + len(honest)) / len(own) if self.boost is None else self.boost
+        return boost * own
+
+
+ATTACKS = {a.name: a for a in (LabelFlip, SignFlip, GaussianUpdate, ALIE, IPM, Backdoor)}
+
+
+def make_attack(name: str, **knobs) -> Attack:
+    """The attack called `name` (one of `ATTACKS`) with its knobs, checked.
+
+    Introduced in 11_clients_that_attack.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {name!r}")
+    return ATTACKS[name](**knobs)
+
+
+def attacking_client(
+    model: nn.Module, weights: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, job: ClientJob, cfg: TrainConfig,
+    inner: Callable = train_client, attack: Attack | None = None,
+) -> ClientResult:
+    """The client function `inner`; an attacker's (job fault "attack") trains on its data as `attack`
+    poisons it (label flipping, the backdoor), on its own device. Introduced in 11_clients_that_attack.
+    """
+    if job.fault != "attack" or attack is None or type(attack).poison is Attack.poison:
+        return inner(model, weights, x_all, y_all, job, cfg)
+    x, y = attack.poison(x_all[job.indices], y_all[job.indices], job.seed)
+    r = inner(model, weights, x, y, replace(job, indices=np.arange(len(y))), cfg)
+    return replace(r, num_samples=len(job.indices))
+
+
+def collude(attack: Attack, results: list[ClientResult], global_w: torch.Tensor,
+            jobs: list[ClientJob]) -> list[ClientResult]:
+    """The attackers' step between training and the server: their answers (jobs with fault "attack")
+    replaced by what `attack.craft` makes of their updates and the honest ones; everything else as it
+    came, in the same order. Introduced in 11_clients_that_attack.
+    """
+    bad = {j.cid: j.seed for j in jobs if j.fault == "attack"}
+    ok = [r for r in results if r.status == "ok" and check_update(r.weights, global_w) is None]
+    mine = [r for r in ok if r.cid in bad]
+    if not mine or type(attack).craft is Attack.craft:
+        return results
+    g = global_w.double()
+    stack = lambda rs: torch.stack([torch.tensor(r.weights, dtype=torch.float64) - g for r in rs]) if rs else \
+        torch.zeros(0, len(g), dtype=torch.float64)
+    sent = attack.craft(stack(mine), stack([r for r in ok if r.cid not in bad]), [bad[r.cid] for r in mine])
+    new = {r.cid: replace(r, weights=(g + u).to(torch.float32).numpy()) for r, u in zip(mine, sent)}
+    return [new.get(r.cid, r) for r in results]
+
+
+@dataclass
+class Adversary(Resilient):
+    """The round policy with attackers: `attack_fraction` of the `num_clients` clients (a fixed set,
+    `attacker_ids`) run `attack` whenever they are sampled; otherwise notebook 08's `Resilient`
+    (faults, deadline), but with no norm rule by default, so the rules below are judged alone.
+    Introduced in 11_clients_that_attack.
+    """
+
+    deadline_s: float | None = None
+    max_norm_ratio: float | None = None
+    attack: Attack = field(default_factory=Attack)
+    attack_fraction: float = 0.0
+    num_clients: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.attack, Attack):
+            raise ValueError(f"attack must be an Attack (see make_attack), got {self.attack!r}")
+        if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, (int, np.integer)) \
+                or self.num_clients < 1:
+            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
+        _check_knob("attack_fraction", self.attack_fraction, 0, 1, high_open=True)
+
+    def wrap(self, client: Callable) -> Callable:
+        return functools.partial(attacking_client, inner=super().wrap(client), attack=self.attack)
+
+    def plan(self, jobs: list[ClientJob], seed: int) -> list[ClientJob]:
+        bad = set(attacker_ids(self.num_clients, self.attack_fraction, seed).tolist())
+        return [replace(j, fault="attack") if j.cid in bad and j.fault is None else j
+                for j in super().plan(jobs, seed)]
+
+    def tamper(self, results: list[ClientResult], global_w: torch.Tensor, jobs: list[ClientJob]) -> list[ClientResult]:
+        return collude(self.attack, results, global_w, jobs)
+
+
+def backdoor_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int = 0) -> float:
+    """The share of test images not of class `target` that the model calls `target` once the trigger
+    is stamped on them: the backdoor's success, apart from the main-task accuracy. Introduced in 11_clients_that_attack.
+    """
+    keep = y != target
+    return evaluate(model, stamp_trigger(x[keep]), torch.full_like(y[keep], target))[1]
+
+
+# (robust aggregation rules: below this line) Each is a server-side `aggregate` piece of the engine:
+# (accepted results, global weights, jobs) -> the new global weights in float64, or None (keep the model).
+
+
+def stacked(results: Sequence[ClientResult]) -> tuple[torch.Tensor, np.ndarray]:
+    """The results' weights as one (n, d) float64 tensor, and their sample counts.
+
+    Introduced in 11_clients_that_attack.
+    """
+    return (torch.stack([torch.tensor(r.weights, dtype=torch.float64) for r in results]),
+            np.array([r.num_samples for r in results], dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class CoordinateMedian:
+    """Yin et al. (2018): each coordinate of the new model is the median of the clients' values (the
+    mean of the two middle ones for an even count). Sample weights are ignored: one client, one vote
+    (a weighted median would trust the sample counts the clients report). Introduced in 11_clients_that_attack.
+    """
+
+    def check(self, n: int) -> None:
+        """Raise ValueError if a round of `n` clients is too small for this rule (any n >= 1 will do)."""
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor:
+        return torch.from_numpy(np.median(stacked(accepted)[0].numpy(), axis=0))
+
+
+@dataclass(frozen=True)
+class TrimmedMean:
+    """Yin et al. (2018): in each coordinate drop the b = floor(trim n) largest and b smallest values,
+    then average the rest weighted by their clients' samples (trim 0: FedAvg's weighted mean, its bits).
+    Trimming counts clients; averaging counts samples. `trim` in [0, 0.5). Introduced in 11_clients_that_attack.
+    """
+
+    trim: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_knob("trim", self.trim, 0, 0.5, high_open=True)
+
+    def check(self, n: int) -> None:
+        """Any n >= 1 will do: b < n / 2 always."""
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor:
+        b = math.floor(self.trim * len(accepted))
+        if b == 0:
+            return weighted_mean(accepted, global_w)
+        w, sizes = stacked(accepted)
+        order = torch.argsort(w, dim=0, stable=True)[b:len(accepted) - b]  # (n - 2b, d) client indices
+        kept, weight = torch.gather(w, 0, order), torch.from_numpy(sizes)[order]
+        return (kept * weight).sum(0) / weight.sum(0)
+
+
+def check_count(name: str, value: object, low: int) -> int:
+    """`value` as an int, or ValueError naming the knob unless it is an integer >= `low`.
+
+    Introduced in 11_clients_that_attack.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def krum_scores(dist2: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score of each client from the (n, n) squared distances: the sum of its n - f - 2 smallest
+    distances to the others (at least one). Introduced in 11_clients_that_attack.
+    """
+    k = max(len(dist2) - f - 2, 1)
+    return torch.sort(dist2, dim=1).values[:, 1:k + 1].sum(1)  # column 0: itself, at distance 0
+
+
+def pairwise_dist2(w: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared Euclidean distances between the rows of `w`, computed directly (no matmul trick).
+
+    Introduced in 11_clients_that_attack.
+    """
+    return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def krum_select(w: torch.Tensor, f: int, m: int = 1) -> list[int]:
+    """The rows (in order) of the `m` clients with the lowest Krum scores (ties: the lower index).
+
+    Introduced in 11_clients_that_attack.
+    """
+    return sorted(torch.argsort(krum_scores(pairwise_dist2(w), f), stable=True)[:m].tolist())
+
+
+@dataclass(frozen=True)
+class Krum:
+    """Blanchard et al. (2017): assume at most `f` attackers among the n > 2f + 2 clients; keep the `m`
+    clients whose n - f - 2 nearest neighbours are closest (m 1: Krum, one client's model; m > 1:
+    Multi-Krum). Selection ignores sample weights; the m kept are averaged weighted by samples, so
+    Multi-Krum keeping all with f 0 is FedAvg, bit for bit. Introduced in 11_clients_that_attack.
+    """
+
+    f: int = 0
+    m: int = 1
+
+    def __post_init__(self) -> None:
+        check_count("f", self.f, 0)
+        check_count("m", self.m, 1)
+
+    def check(self, n: int) -> None:
+        """Raise ValueError naming f (or m) if a round of `n` clients cannot run this rule."""
+        if n <= 2 * self.f + 2:
+            raise ValueError(f"f must be an integer in [0, {max((n - 3) // 2, 0)}] (Krum needs n > 2f + 2 with "
+                             f"n = {n} clients per round), got {self.f}")
+        if self.m > n:
+            raise ValueError(f"m must be an integer in [1, {n}] (the clients per round), got {self.m}")
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor | None:
+        if len(accepted) <= 2 * self.f + 2:
+            return None  # too few answers to tell f attackers apart: keep the model
+        keep = krum_select(stacked(accepted)[0], self.f, min(self.m, len(accepted)))
+        return weighted_mean([accepted[i] for i in keep], global_w)
+
+
+@dataclass(frozen=True)
+class Bulyan:
+    """El Mhamdi et al. (2018), for n >= 4f + 3: pick theta = n - 2f clients by Krum one at a time (each
+    pick leaves the pool), then in each coordinate average the beta = theta - 2f values closest to
+    their median. Sample weights are ignored. Introduced in 11_clients_that_attack.
+    """
+
+    f: int = 0
+
+    def __post_init__(self) -> None:
+        check_count("f", self.f, 0)
+
+    def check(self, n: int) -> None:
+        if n < 4 * self.f + 3:
+            raise ValueError(f"f must be an integer in [0, {max((n - 3) // 4, 0)}] (Bulyan needs n >= 4f + 3 "
+                             f"with n = {n} clients per round), got {self.f}")
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor | None:
+        n, f = len(accepted), self.f
+        if n < 4 * f + 3:
+            return None
+        w = stacked(accepted)[0]
+        dist2, pool, picked = pairwise_dist2(w), list(range(n)), []
+        while len(picked) < n - 2 * f:
+            best = pool[int(torch.argmin(krum_scores(dist2[pool][:, pool], f)))]
+            picked.append(best)
+            pool.remove(best)
+        s = w[sorted(picked)]
+        dev = (s - torch.from_numpy(np.median(s.numpy(), 0))).abs()
+        near = torch.argsort(dev, dim=0, stable=True)[:len(s) - 2 * f]
+        return torch.gather(s, 0, near).mean(0)
+
+
+@dataclass(frozen=True)
+class CenteredClipping:
+    """Karimireddy et al. (2021): start at the global model (v = 0) and `iters` times move v by the
+    sample-weighted mean of the updates' offsets from v, each clipped to L2 norm `tau`: an attacker
+    moves the model by at most its weight x tau per step (tau inf, 1 iteration: FedAvg's mean). Defaults
+    for the course's 2NN at lr 0.05, whose honest updates have norms 0.3 to 0.9. Introduced in 11_clients_that_attack.
+    """
+
+    tau: float = 0.5
+    iters: int = 3
+
+    def __post_init__(self) -> None:
+        _check_knob("tau", self.tau, 0, math.inf, low_open=True, allow_inf=True)
+        check_count("iters", self.iters, 1)
+
+    def check(self, n: int) -> None:
+        """Any n >= 1 will do."""
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor:
+        w, sizes = stacked(accepted)
+        u, c = w - global_w.double(), torch.from_numpy(sizes / sizes.sum())
+        v = torch.zeros_like(u[0])
+        for _ in range(self.iters):
+            off = u - v
+            norm = torch.linalg.vector_norm(off, dim=1)
+            scale = torch.where(norm > self.tau, self.tau / norm.clamp_min(1e-300), torch.ones_like(norm))
+            v = v + ((c * scale)[:, None] * off).sum(0)
+        return global_w.double() + v
+
+
+@dataclass(frozen=True)
+class NormClip:
+    """Sun et al. (2019), "Can you really backdoor FL?": clip every update to L2 norm `max_norm`, take
+    the sample-weighted mean, add N(0, noise_std^2) per coordinate (09's `dp_noise` stream of `seed`).
+    Nothing clipped and no noise: FedAvg's bits. Done on the clients instead (09's `ClipUpdate`) it
+    fits secure aggregation. Defaults as for `CenteredClipping`. Introduced in 11_clients_that_attack.
+    """
+
+    max_norm: float = 0.5
+    noise_std: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_knob("max_norm", self.max_norm, 0, math.inf, low_open=True, allow_inf=True)
+        _check_knob("noise_std", self.noise_std, 0, math.inf)
+
+    def check(self, n: int) -> None:
+        """Any n >= 1 will do."""
+
+    def __call__(self, accepted: Sequence[ClientResult], global_w: torch.Tensor,
+                 jobs: Sequence[ClientJob] = ()) -> torch.Tensor:
+        g = global_w.numpy()
+        clipped = [clip_scale(torch.from_numpy(np.subtract(r.weights, g)), self.max_norm) < 1 for r in accepted]
+        if not any(clipped):
+            avg = weighted_mean(accepted, global_w)
+        else:
+            avg = global_w.double() + clipped_sum(accepted, global_w, self.max_norm) / sum(r.num_samples
+                                                                                          for r in accepted)
+        if self.noise_std > 0:
+            avg = avg + dp_noise(self.seed, jobs[0].round, len(avg), self.noise_std)
+        return avg
+
+
+RULES = {"fedavg": None, "median": CoordinateMedian, "trimmed-mean": TrimmedMean, "krum": Krum,
+         "multi-krum": Krum, "bulyan": Bulyan, "centered-clipping": CenteredClipping, "norm-clipping": NormClip}
+
+
+def make_rule(name: str, clients_per_round: int, **knobs) -> Callable:
+    """The aggregation rule `name` (one of `RULES`; "fedavg": `weighted_mean`) with its knobs, checked
+    against the clients a round samples before any work ("multi-krum": m defaults to n - f, the most
+    Krum trusts). Introduced in 11_clients_that_attack.
+    """
+    if name not in RULES:
+        raise ValueError(f"rule must be one of {list(RULES)}, got {name!r}")
+    if name == "fedavg":
+        if knobs:
+            raise ValueError(f"rule fedavg takes no knobs, got {sorted(knobs)}")
+        return weighted_mean
+    if name == "multi-krum" and "m" not in knobs:
+        knobs["m"] = max(clients_per_round - check_count("f", knobs.get("f", 0), 0), 1)
+    rule = RULES[name](**knobs)
+    rule.check(clients_per_round)
+    return rule

@@ -4,6 +4,8 @@
     python -m fedrun run --executor ray-tasks --deadline 30 --crash 0.2 --nan 0.1 --out runs/faulty
     python -m fedrun compare --out build/compare        # strategies x splits x seeds, resumable
     python -m fedrun run --config exp.toml --rounds 5   # a JSON/TOML file of flags; the command line wins
+    python -m fedrun run --attack alie --attack-fraction 0.2 --rule trimmed-mean --trim 0.2 --out runs/alie
+    python -m fedrun matrix --out build/attacks         # rules x attacks x attacker fractions x splits, resumable
 
 Same code path as the notebooks: `fed_helpers.load_dataset`, `make_partition`, `make_strategy`, and the
 round engine `run_rounds` (a `FedTask`, an executor, a round policy and a `Checkpointer`). A run's folder
@@ -139,6 +141,29 @@ EXECUTORS = {"in-process": fh.InProcess, "ray-tasks": fh.RayTasks, "actor-pool":
 FAULT_HELP = {"crash": "raise an error", "kill": "lose their worker process (in-process: crash)",
               "slow": "are stragglers (see --slow-s)", "nan": "send NaN weights"}
 POLICY_FLAGS = ("deadline", "min_clients", "max_norm_ratio", *fh.FAULTS, "slow_s")
+ATTACK_KNOBS = {  # flag dest: (attack, its parameter, type, meaning) (notebook 11)
+    "attack_scale": ("sign-flip", "scale", number(float, 0, low_open=True), "sign-flip: send -scale x the update"),
+    "attack_std": ("gaussian", "std", number(float, 0, low_open=True), "gaussian: the noise update's std"),
+    "alie_z": ("alie", "z", number(float, 0), "alie: send mean - z std (None: Baruch et al.'s z_max)"),
+    "ipm_epsilon": ("ipm", "epsilon", number(float, 0, low_open=True), "ipm: send -epsilon x the honest mean"),
+    "backdoor_target": ("backdoor", "target", number(int, 0, 9), "backdoor: the trigger's class (also the class "
+                        "whose backdoor success every run measures)"),
+    "backdoor_fraction": ("backdoor", "poison_fraction", number(float, 0, 1, low_open=True),
+                          "backdoor: share of the attacker's samples triggered"),
+    "backdoor_boost": ("backdoor", "boost", number(float, 0, low_open=True),
+                       "backdoor: scale of the update (None: clients / attackers in the round)"),
+}
+RULE_KNOBS = {  # flag dest: (rules that take it, their parameter, type, meaning)
+    "trim": (("trimmed-mean",), "trim", number(float, 0, 0.5, high_open=True), "share cut at each end"),
+    "krum_f": (("krum", "multi-krum", "bulyan"), "f", number(int, 0), "attackers per round the rule assumes "
+               "(None: round(--attack-fraction, or 0.2 without attack, x clients per round); bulyan: at most "
+               "(n - 3) / 4)"),
+    "krum_m": (("krum", "multi-krum"), "m", number(int, 1), "clients kept (krum 1; multi-krum: n - f)"),
+    "clip_tau": (("centered-clipping",), "tau", number(float, 0, low_open=True), "clipping radius"),
+    "clip_iters": (("centered-clipping",), "iters", number(int, 1), "clipping iterations"),
+    "norm_bound": (("norm-clipping",), "max_norm", number(float, 0, low_open=True), "L2 bound of each update"),
+    "norm_noise": (("norm-clipping",), "noise_std", number(float, 0), "std of the noise on the mean"),
+}
 
 
 def flag(dest: str) -> str:
@@ -182,7 +207,8 @@ FLAG_OF = {"num_clients": "--clients", "client_fraction": "--fraction", "local_e
            "min_clients": "--min-clients", "deadline_s": "--deadline", "num_workers": "--workers",
            "threshold": "--secagg-threshold", "degree": "--secagg-degree", "clip_range": "--secagg-clip-range",
            **{d: flag(d) for d in (*KNOBS, *POLICY_FLAGS, "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                                   "rounds", "chunk_size", "seed", "model")}}
+                                   "rounds", "chunk_size", "seed", "model", "attack_fraction")},
+           **{v[1]: flag(d) for d, v in {**ATTACK_KNOBS, **RULE_KNOBS}.items()}}
 
 
 def usage_error(err: ValueError) -> UsageError:
@@ -288,13 +314,39 @@ def add_run_flags(p: argparse.ArgumentParser, compare: bool) -> None:
                        "afresh (default: False: resume from it)")
 
 
+def add_attack_flags(p: argparse.ArgumentParser, matrix: bool) -> None:
+    """Notebook 11's flags: the attack and the aggregation rule (`matrix`: lists of them) and their knobs."""
+    g = p.add_argument_group("attacks and robust aggregation (notebook 11)", "A fixed set of --attack-fraction "
+                             "of the clients attacks whenever sampled; the server aggregates with --rule.")
+    if not matrix:
+        add(g, "--attack", str, None, "what the attackers do (None: no attack)", choices=list(fh.ATTACKS))
+        add(g, "--attack-fraction", number(float, 0, 1, high_open=True), None, "share of the clients that are "
+            "attackers, a fixed set for the run (None: 0.2 with --attack)")
+        add(g, "--rule", str, "fedavg", "server-side aggregation rule", choices=list(fh.RULES))
+    default = lambda cls, param: cls.__dataclass_fields__[param].default  # the piece's own default
+    for dest, (who, param, kind, text) in ATTACK_KNOBS.items():
+        add(g, flag(dest), kind, None, text, shown=default(fh.ATTACKS[who], param))
+    for dest, (who, param, kind, text) in RULE_KNOBS.items():
+        shown = "see above" if dest == "krum_f" else default(fh.RULES[who[0]], param)
+        add(g, flag(dest), kind, None, f"{', '.join(who)}: {text}", shown=shown)
+
+
+def override_defaults(p: argparse.ArgumentParser, **values: Any) -> None:
+    """Other defaults for some flags of `p`, in their help text too."""
+    p.set_defaults(**values)
+    for action in p._actions:
+        if action.dest in values and action.help:
+            action.help = action.help.rsplit("(default: ", 1)[0] + f"(default: {values[action.dest]})"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `fedrun` parser, and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="fedrun", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare,matrix}")
     run = sub.add_parser("run", help="run one experiment (resumable)", description="Run one federated experiment; "
                          "its folder --out holds a checkpoint, so the same command run again resumes it.")
     add_run_flags(run, compare=False)
+    add_attack_flags(run, matrix=False)
     cmp = sub.add_parser("compare", help="strategies x splits x seeds, one Ray session, resumable",
                          description="Run every strategy on every split with every seed; print and write a "
                          "table of final accuracy (mean ± std over seeds). Finished runs with the same "
@@ -313,7 +365,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                      "(default: iid dirichlet:0.5 dirichlet:0.1 classes:2)")
     cmp.add_argument("--seeds", nargs="+", type=number(int, 0), metavar="SEED", default=[0, 1, 2],
                      help="seeds, each an integer >= 0 (default: 0 1 2)")
-    return parser, {"run": run, "compare": cmp}
+    mat = sub.add_parser("matrix", help="rules x attacks x attacker fractions x splits (notebook 11), resumable",
+                         description="Run every aggregation rule against every attack at every attacker "
+                         "fraction on every split (FedAvg's strategy), plus each rule with no attack; print and "
+                         "write tables of final accuracy and backdoor success. Resumable like compare.")
+    add_run_flags(mat, compare=True)
+    override_defaults(mat, clients=100, fraction=0.2, rounds=30, out="build/attacks")
+    add_attack_flags(mat, matrix=True)
+    mat.add_argument("--rules", nargs="+", choices=list(fh.RULES), metavar="RULE", default=list(fh.RULES),
+                     help=f"rules, each one of {', '.join(fh.RULES)} (default: all)")
+    mat.add_argument("--attacks", nargs="+", choices=list(fh.ATTACKS), metavar="ATTACK", default=list(fh.ATTACKS),
+                     help=f"attacks, each one of {', '.join(fh.ATTACKS)} (default: all); every rule also runs "
+                     "without attack")
+    mat.add_argument("--attack-fractions", nargs="+", type=number(float, 0, 1, low_open=True, high_open=True),
+                     metavar="F", default=[0.2], help="attacker fractions, each a number in (0, 1) (default: 0.2)")
+    mat.add_argument("--splits", nargs="+", type=split_spec, metavar="SPLIT", default=["iid", "dirichlet:0.5"],
+                     help="splits, as for compare (default: iid dirichlet:0.5)")
+    mat.add_argument("--seeds", nargs="+", type=number(int, 0), metavar="SEED", default=[0],
+                     help="seeds, each an integer >= 0 (default: 0)")
+    return parser, {"run": run, "compare": cmp, "matrix": mat}
 
 
 def apply_config(sub: argparse.ArgumentParser, path: str) -> None:
@@ -372,8 +442,16 @@ def policy_config(args: argparse.Namespace) -> dict[str, Any]:
             "slow_s": args.slow_s}
 
 
-def make_policy(p: dict[str, Any], secure: bool = False) -> fh.RoundPolicy:
-    """The engine's round policy for `policy_config`'s values (`secure`: for masked answers)."""
+def make_policy(p: dict[str, Any], attack: dict[str, Any] | None = None, clients: int = 1,
+                secure: bool = False) -> fh.RoundPolicy:
+    """The engine's round policy for `policy_config`'s values (with an attack: notebook 11's `Adversary`;
+    `secure`: for masked answers, notebook 10's `SecureResilient`)."""
+    if attack is not None:
+        return fh.Adversary(deadline_s=p["deadline_s"], min_clients=p["min_clients"],
+                            max_norm_ratio=p["max_norm_ratio"], faults={f: r for f, r in p["faults"].items() if r > 0},
+                            slow_s=math.inf if p["slow_s"] is None else p["slow_s"],
+                            attack=fh.make_attack(attack["name"], **attack["knobs"]),
+                            attack_fraction=attack["fraction"], num_clients=clients)
     if p["name"] == "strict":
         return fh.RoundPolicy(min_clients=p["min_clients"])
     kind = fh.SecureResilient if secure else fh.Resilient
@@ -395,7 +473,40 @@ def experiment_config(args: argparse.Namespace, partition: str, strategy: str, s
             "strategy_knobs": sknobs, "rounds": args.rounds,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "seed": seed, "train_samples": args.train_samples,
-            "policy": policy_config(args), "privacy": privacy_config(args), "secagg": secagg_config(args, name)}
+            "policy": policy_config(args), "privacy": privacy_config(args), "secagg": secagg_config(args, name),
+            **attack_config(args, getattr(args, "attack", None), getattr(args, "attack_fraction", None),
+                            getattr(args, "rule", "fedavg"), strict)}
+
+
+def attack_config(args: argparse.Namespace, attack: str | None, fraction: float | None, rule: str,
+                  strict: bool) -> dict[str, Any]:
+    """Notebook 11's part of a config: {"attack": ..., "rule": ...}, each only when asked for (so that the
+    configs of earlier runs are unchanged). With `strict`, a knob flag for another attack or rule is an error."""
+    if fraction is not None and attack is None:
+        raise UsageError("argument --attack-fraction: needs --attack (the attackers' share of the clients)")
+    for dest, (who, *_) in ATTACK_KNOBS.items():
+        if strict and getattr(args, dest, None) is not None and who != attack and dest != "backdoor_target":
+            raise UsageError(f"argument {flag(dest)}: only the {who} attack takes it (--attack is {attack})")
+    for dest, (who, *_) in RULE_KNOBS.items():
+        if strict and getattr(args, dest, None) is not None and rule not in who:
+            raise UsageError(f"argument {flag(dest)}: only {' and '.join(who)} take it (--rule is {rule})")
+    out: dict[str, Any] = {}
+    if attack is not None:
+        fraction = 0.2 if fraction is None else fraction
+        out["attack"] = {"name": attack, "fraction": fraction, "knobs": {
+            param: getattr(args, d) for d, (who, param, *_) in ATTACK_KNOBS.items()
+            if who == attack and getattr(args, d, None) is not None}}
+    if rule != "fedavg":
+        knobs = {param: getattr(args, d) for d, (who, param, *_) in RULE_KNOBS.items()
+                 if rule in who and getattr(args, d, None) is not None}
+        if rule in ("krum", "multi-krum", "bulyan") and "f" not in knobs:
+            m = max(1, round(args.fraction * args.clients))
+            knobs["f"] = round((fraction or 0.2) * m)
+            knobs["f"] = min(knobs["f"], (m - 3) // 4) if rule == "bulyan" else knobs["f"]
+        out["rule"] = {"name": rule, "knobs": knobs}
+    if getattr(args, "backdoor_target", None) is not None:
+        out["backdoor_target"] = args.backdoor_target
+    return out
 
 
 def privacy_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -504,11 +615,22 @@ def prepare(cfg: dict, data: tuple[tuple, tuple]) -> tuple[fh.FedTask, fh.FedAvg
         config = fh.TrainConfig(cfg["model"], cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
         task = fh.FedTask(*data, parts, config, cfg["fraction"], cfg["seed"])
-        policy = make_policy(cfg["policy"], secure=cfg.get("secagg") is not None)
+        policy = make_policy(cfg["policy"], cfg.get("attack"), cfg["clients"], secure=cfg.get("secagg") is not None)
         pieces = privacy_pieces(cfg, task)
+        sampled = max(1, round(cfg["fraction"] * cfg["clients"]))
+        if cfg.get("secagg") and (cfg.get("rule") or cfg.get("attack")):
+            flag_, why = (("--rule", "a robust rule must see each update, and --secagg masks them")
+                          if cfg.get("rule") else ("--attack", "the attacks are simulated on plain updates"))
+            raise UsageError(f"argument {flag_}: not with --secagg ({why}; notebook 11)")
+        if cfg.get("rule"):
+            if cfg.get("privacy"):
+                raise UsageError(f"argument --rule: {cfg['rule']['name']} cannot be combined with --dp-clip "
+                                 "(both are the server's aggregation)")
+            knobs = {**cfg["rule"]["knobs"], **({"seed": cfg["seed"]} if cfg["rule"]["name"] == "norm-clipping"
+                                                else {})}
+            pieces["aggregate"] = fh.make_rule(cfg["rule"]["name"], sampled, **knobs)
     except ValueError as err:
         raise usage_error(err) from None
-    sampled = max(1, round(cfg["fraction"] * cfg["clients"]))
     if policy.min_clients > sampled:
         raise UsageError(f"argument --min-clients: must be an integer in [1, {sampled}] (the clients sampled per "
                          f"round: --fraction {cfg['fraction']:g} of --clients {cfg['clients']}), got "
@@ -585,6 +707,8 @@ def run_one(cfg: dict, prepared: tuple, out: Path, runtime: dict, progress: bool
     record = {"config": cfg, "history": history, "final_accuracy": history[-1]["accuracy"],
               "final_loss": history[-1]["loss"], "best_accuracy": best["accuracy"], "best_round": best["round"],
               "weights_sha256": weights_sha256(model), "resumed_after": done,
+              "backdoor_success": fh.backdoor_success(model, *task.test, cfg.get("backdoor_target", 0))
+              if {"attack", "rule", "backdoor_target"} & set(cfg) else None,
               "seconds": time.perf_counter() - start, "runtime": runtime,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "numpy": np.__version__, "ray": ray.__version__}}
@@ -685,6 +809,96 @@ def write_table(args: argparse.Namespace, records: dict[tuple, dict], out: Path)
 
 
 # ----------------------------------------------------------------------------
+# matrix: rules x attacks x attacker fractions x splits (notebook 11)
+# ----------------------------------------------------------------------------
+
+NO_ATTACK = "none"
+
+
+def plan_matrix(args: argparse.Namespace) -> list[tuple[tuple, dict, tuple]]:
+    """Every run as ((split, rule, attack, fraction, seed), config, prepared), all checked before any training;
+    each rule also runs once without attack (attack "none", fraction 0)."""
+    cells = [(NO_ATTACK, 0.0)] + [(a, f) for a in args.attacks for f in args.attack_fractions]
+    full, data, plan = load_data(args.dataset, args.data_dir), {}, []
+    for sp, rule, (attack, frac), sd in [(sp, r, c, sd) for sp in args.splits for r in args.rules for c in cells
+                                         for sd in args.seeds]:
+        cfg = experiment_config(args, sp.partition(":")[0], "fedavg", sd, sp, strict=False)
+        cfg.update(attack_config(args, None if attack == NO_ATTACK else attack, None if attack == NO_ATTACK
+                                 else frac, rule, strict=False))
+        cfg.setdefault("backdoor_target", 0)  # every run measures the backdoor's success
+        if cfg["seed"] not in data:
+            data[cfg["seed"]] = subset(cfg, full)
+        plan.append(((sp, rule, attack, frac, sd), cfg, prepare(cfg, data[cfg["seed"]])))
+    return plan
+
+
+def matrix(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], runtime: dict) -> None:
+    """Run (or skip, or resume) every run of the plan as `compare` does, then write the tables."""
+    out, records = Path(args.out), {}
+    for key, cfg, prepared in tqdm(plan, desc="runs", unit="run"):
+        split, rule, attack, frac, seed = key
+        folder = out / split.replace(":", "-") / rule / f"{attack}-{frac:g}" / f"seed{seed}"
+        old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
+        if old is not None and old["config"] == json.loads(json.dumps(cfg)):
+            records[key] = old
+            continue
+        try:
+            checkpointed_rounds(folder, cfg, prepared)
+        except ValueError as err:
+            tqdm.write(f"restart {folder}: {err}")
+            forget_checkpoint(folder)
+        records[key] = run_one(cfg, prepared, folder, runtime, progress=False, verbose=False)
+        tqdm.write(f"done {split} {rule} {attack} {frac:g} seed{seed}: accuracy {records[key]['final_accuracy']:.4f}, "
+                   f"backdoor {records[key]['backdoor_success']:.4f}, {records[key]['seconds']:.1f} s")
+    write_matrix(args, records, out)
+
+
+def write_matrix(args: argparse.Namespace, records: dict[tuple, dict], out: Path) -> None:
+    """table.md (final accuracy %, mean over seeds, per split: rules x attacks at each fraction; the backdoor's
+    success), results.json and one curves figure per split."""
+    cols = [(NO_ATTACK, 0.0)] + [(a, f) for a in args.attacks for f in args.attack_fractions]
+    mean = lambda sp, r, a, f, k: float(np.mean([records[sp, r, a, f, s][k] for s in args.seeds]))
+    lines = [f"Final test accuracy (%) after {args.rounds} rounds, {args.clients} clients, {args.fraction:g} per "
+             f"round, mean over seeds {' '.join(map(str, args.seeds))}; columns: attack @ attacker fraction", ""]
+    for sp in args.splits:
+        lines += [f"### {sp}", "", "| rule | " + " | ".join(f"{a} @ {f:g}" for a, f in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {r} | " + " | ".join(f"{100 * mean(sp, r, a, f, 'final_accuracy'):.2f}" for a, f in cols) + " |"
+                  for r in args.rules]
+        if "backdoor" in args.attacks:
+            lines += ["", f"Backdoor ({sp}): main accuracy % / backdoor success % (no attack: the trigger's "
+                      "success on the clean model)", "", "| rule | no attack | " + " | ".join(
+                          f"backdoor @ {f:g}" for f in args.attack_fractions) + " |",
+                      "|---" * (len(args.attack_fractions) + 2) + "|"]
+            lines += [f"| {r} | " + " | ".join(f"{100 * mean(sp, r, a, f, 'final_accuracy'):.2f} / "
+                                               f"{100 * mean(sp, r, a, f, 'backdoor_success'):.2f}"
+                                               for a, f in cols if a in (NO_ATTACK, "backdoor")) + " |"
+                      for r in args.rules]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    runs = [{"split": k[0], "rule": k[1], "attack": k[2], "attack_fraction": k[3], "seed": k[4],
+             "final_accuracy": r["final_accuracy"], "backdoor_success": r["backdoor_success"],
+             "accuracy": [h["accuracy"] for h in r["history"]], "seconds": r["seconds"]} for k, r in records.items()]
+    (out / "results.json").write_text(json.dumps({"runs": runs}, indent=1))
+    for sp in args.splits:  # one panel per attack column, one line per rule
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), sharey=True, squeeze=False)
+        for ax, (a, f) in zip(axes[0], cols):
+            for r in args.rules:
+                acc = np.mean([[h["accuracy"] for h in records[sp, r, a, f, s]["history"]] for s in args.seeds], 0)
+                ax.plot(np.arange(1, len(acc) + 1), 100 * acc, label=r)
+            ax.set(xlabel="round", title=f"{sp}: {a} @ {f:g}")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"curves-{sp.replace(':', '-')}.png", dpi=80)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 
@@ -721,11 +935,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"argument --out: {str(err).replace('run_dir', '--out')}; or --restart "
                                  "to start this run afresh") from None
         else:
-            plan = plan_compare(args)
-        needs_ray = runtime["executor"] != "in-process" and (args.command == "compare" or done < cfg["rounds"])
+            plan = plan_compare(args) if args.command == "compare" else plan_matrix(args)
+        needs_ray = runtime["executor"] != "in-process" and (args.command != "run" or done < cfg["rounds"])
         started_ray = needs_ray and start_ray(args.cpus)
-        if args.command == "compare":
-            compare(args, plan, runtime)
+        if args.command != "run":
+            (compare if args.command == "compare" else matrix)(args, plan, runtime)
             return 0
         if args.restart:
             forget_checkpoint(out)

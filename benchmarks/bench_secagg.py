@@ -84,8 +84,8 @@ def protocol_round(n: int, degree: int | None, dropout: float, d: int) -> dict:
 def bonawitz_setting(n: int = 2**10, d: int = 2**20, input_bits: int = 16) -> dict:
     """Part 3: a client's upload over its input in the clear, from this implementation's message sizes."""
     messages = 64 + (n - 1) * CIPHERTEXT + n * fh.SHARE_BYTES  # keys, shares to n - 1 holders, n shares back
-    return {bits_name: (d * bits / 8 + messages) / (d * input_bits / 8)
-            for bits_name, bits in (("words_32_bits", 32), ("words_16_plus_log2n_bits", input_bits + math.ceil(math.log2(n))))}
+    words = {"words_32_bits": 32, "words_16_plus_log2n_bits": input_bits + math.ceil(math.log2(n))}
+    return {name: (d * bits / 8 + messages) / (d * input_bits / 8) for name, bits in words.items()}
 
 
 def make_task(quick: bool) -> fh.FedTask:
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({**engine_run(task, setting, rounds, args.quick), "repeat": rep})
             r = runs[-1]
             print(f"[{rep + 1}/{repeats}] {setting:<18} {r['per_round_s']:.3f} s/round, accuracy {r['accuracy']:.4f}, "
-                  f"{r['aggregated']}/{rounds} rounds, up {r['bytes_up_per_client'] / 1e3:,.1f} kB a client", flush=True)
+                  f"{r['aggregated']}/{rounds} rounds, up {r['bytes_up_per_client'] / 1e3:,.1f} kB a client",
+                  flush=True)
     by = {s: [r for r in runs if r["setting"] == s] for s in SETTINGS}
     ratio = lambda a, b: [x["per_round_s"] / y["per_round_s"] for x, y in zip(by[a], by[b])]
     ratios = {f"{a} / {b}": ratio(a, b) for a, b in (("secagg+", "plain"), ("every pair", "plain"),

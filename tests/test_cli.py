@@ -334,6 +334,22 @@ BAD = [  # extra flags, what stderr must say (the flag, its allowed range)
     (["--secagg", "secagg+", "--dp-clip", "1", "--secagg-clip-range", "2"], ["--secagg-clip-range", "--dp-clip"]),
     (["--secagg", "secagg+", "--max-norm-ratio", "3"], ["--max-norm-ratio", "--secagg", "cannot see"]),
     (["--secagg", "secagg+", "--strategy", "scaffold"], ["--strategy", "scaffold", "--secagg"]),
+    (["--attack", "alie", "--attack-fraction", "1"], ["--attack-fraction", "[0, 1)"]),
+    (["--attack", "alie", "--attack-fraction", "-0.1"], ["--attack-fraction", "[0, 1)"]),
+    (["--attack-fraction", "0.2"], ["--attack-fraction", "needs --attack"]),
+    (["--attack", "poison"], ["--attack", "label-flip", "backdoor"]),
+    (["--attack", "ipm", "--alie-z", "1"], ["--alie-z", "only the alie attack"]),
+    (["--attack", "backdoor", "--backdoor-target", "10"], ["--backdoor-target", "[0, 9]"]),
+    (["--rule", "mean"], ["--rule", "median", "bulyan"]),
+    (["--rule", "trimmed-mean", "--trim", "0.5"], ["--trim", "[0, 0.5)"]),
+    (["--trim", "0.1"], ["--trim", "only trimmed-mean take it"]),
+    (["--rule", "krum", "--krum-f", "1"], ["--krum-f", "[0, 0]", "n > 2f + 2", "n = 4"]),  # 4 clients per round
+    (["--rule", "bulyan", "--krum-f", "1"], ["--krum-f", "[0, 0]", "n >= 4f + 3"]),
+    (["--rule", "krum", "--krum-f", "0", "--krum-m", "5"], ["--krum-m", "[1, 4]"]),
+    (["--rule", "centered-clipping", "--clip-tau", "0"], ["--clip-tau", "> 0"]),
+    (["--rule", "median", "--dp-clip", "1"], ["--rule", "--dp-clip"]),
+    (["--secagg", "secagg+", "--rule", "median"], ["--rule", "not with --secagg", "masks"]),
+    (["--secagg", "secagg+", "--attack", "alie"], ["--attack", "not with --secagg"]),
 ]
 
 
@@ -478,3 +494,58 @@ def test_compare_strategy_specs_set_knobs_for_one_strategy_alone(tmp_path, capsy
             fedrun.main([*argv[:-6], "--strategies", bad, "--splits", "iid", "--out", str(tmp_path / "bad")])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "--strategies" in err and expected in err, err
+
+
+def test_attack_and_rule_flags_reach_the_engine(tmp_path):
+    """--attack, --attack-fraction, --rule and their knobs build notebook 11's pieces: the same bits as the
+    engine given those pieces, and the backdoor's success in the record."""
+    folder = tmp_path / "attacked"
+    assert fedrun.main(["run", *TINY, *NO_RAY, "--clients", "8", "--attack", "backdoor", "--attack-fraction", "0.25",
+                        "--backdoor-boost", "3", "--rule", "trimmed-mean", "--trim", "0.25", "--out", str(folder)]) == 0
+    rec = load_record(folder)
+    cfg = rec["config"]
+    assert cfg["attack"] == {"name": "backdoor", "fraction": 0.25, "knobs": {"boost": 3.0}}
+    assert cfg["rule"] == {"name": "trimmed-mean", "knobs": {"trim": 0.25}}
+    task = fedrun.prepare(cfg, fedrun.subset(cfg, fedrun.load_data("synthetic", None)))[0]
+    policy = fh.Adversary(attack=fh.Backdoor(boost=3.0), attack_fraction=0.25, num_clients=8)
+    model, _ = fh.run_rounds(task, 2, policy=policy, aggregate=fh.TrimmedMean(0.25), progress=False)
+    assert same_weights(model, load_model(folder))
+    assert rec["backdoor_success"] == fh.backdoor_success(model, *task.test, 0)
+
+
+def test_krum_f_defaults_to_the_expected_attackers_per_round(tmp_path):
+    args = fedrun.build_parser()[0].parse_args(["run", "--clients", "100", "--fraction", "0.2", "--attack", "ipm",
+                                                "--attack-fraction", "0.3", "--rule", "multi-krum"])
+    assert fedrun.attack_config(args, "ipm", 0.3, "multi-krum", True)["rule"]["knobs"] == {"f": 6}
+    assert fedrun.attack_config(args, None, None, "krum", True)["rule"]["knobs"] == {"f": 4}  # 0.2 without attack
+    assert fedrun.attack_config(args, "ipm", 0.3, "bulyan", True)["rule"]["knobs"] == {"f": 4}  # (20 - 3) // 4
+
+
+def test_matrix_tiny_grid_then_resume(tmp_path, capsys):
+    out = tmp_path / "mx"
+    argv = ["matrix", *TINY[:4], "--clients", "6", "--fraction", "1", "--rounds", "1", "--train-samples", "600",
+            *NO_RAY, "--rules", "fedavg", "median", "--attacks", "sign-flip", "backdoor", "--attack-fractions", "0.2",
+            "0.4", "--splits", "iid", "--out", str(out)]
+    assert fedrun.main(argv) == 0
+    first = capsys.readouterr().out
+    table = (out / "table.md").read_text()
+    assert table in first and (out / "curves-iid.png").stat().st_size > 1000
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 * (1 + 2 * 2)  # each rule: no attack, and 2 attacks x 2 fractions
+    for r in runs:
+        rec = load_record(out / "iid" / r["rule"] / f"{r['attack']}-{r['attack_fraction']:g}" / "seed0")
+        assert rec["final_accuracy"] == r["final_accuracy"] and rec["backdoor_success"] == r["backdoor_success"]
+        assert rec["config"].get("attack", {}).get("fraction", 0.0) == r["attack_fraction"]
+        assert f"{100 * r['final_accuracy']:.2f}" in table
+    assert "| rule | none @ 0 | sign-flip @ 0.2 | sign-flip @ 0.4 | backdoor @ 0.2 | backdoor @ 0.4 |" in table
+    flipped = load_record(out / "iid" / "fedavg" / "sign-flip-0.4" / "seed0")["weights_sha256"]
+    assert flipped != load_record(out / "iid" / "fedavg" / "none-0" / "seed0")["weights_sha256"]
+    kept = out / "iid" / "median" / "none-0" / "seed0" / "history.json"
+    mtime = kept.stat().st_mtime_ns
+    (out / "iid" / "fedavg" / "backdoor-0.2" / "seed0" / "history.json").unlink()  # as if stopped
+    assert fedrun.main(argv) == 0
+    assert kept.stat().st_mtime_ns == mtime and (out / "table.md").read_text() == table
+    with pytest.raises(SystemExit) as exc:  # Bulyan cannot run on 6 clients with f = 1 assumed
+        fedrun.main([*argv[:-1], str(tmp_path / "bad"), "--rules", "bulyan", "--krum-f", "1"])
+    assert exc.value.code == 2 and "--krum-f" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -753,22 +753,28 @@ def compare(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], run
     for (split, strategy, seed), cfg, prepared in tqdm(plan, desc="runs", unit="run"):
         folder = out / split.replace(":", "-") / strategy.replace(":", "-").replace(",", "_") / f"seed{seed}"
         name = f"{split} {strategy} seed{seed}"
-        old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
-        if old is not None and old["config"] == json.loads(json.dumps(cfg)):
-            tqdm.write(f"skip {name}: {folder}/history.json exists with the same config")
-            records[split, strategy, seed] = old
-            continue
-        try:
-            checkpointed_rounds(folder, cfg, prepared)
-        except ValueError as err:
-            tqdm.write(f"restart {name}: {err}")
-            forget_checkpoint(folder)
-        rec = run_one(cfg, prepared, folder, runtime, progress=False, verbose=False)
-        tqdm.write(f"done {name}: final accuracy {rec['final_accuracy']:.4f}, best {rec['best_accuracy']:.4f}, "
-                   f"{rec['seconds']:.1f} s" + (f" (resumed after round {rec['resumed_after']})"
-                                                if rec["resumed_after"] else ""))
+        rec, skipped = run_or_resume(folder, cfg, prepared, runtime, name)
         records[split, strategy, seed] = rec
+        if not skipped:
+            tqdm.write(f"done {name}: final accuracy {rec['final_accuracy']:.4f}, best {rec['best_accuracy']:.4f}, "
+                       f"{rec['seconds']:.1f} s" + (f" (resumed after round {rec['resumed_after']})"
+                                                    if rec["resumed_after"] else ""))
     write_table(args, records, out)
+
+
+def run_or_resume(folder: Path, cfg: dict, prepared: tuple, runtime: dict, name: str) -> tuple[dict, bool]:
+    """One run of a grid: (its record, True) if `folder` holds it done with the same config; else it runs,
+    resumed from its checkpoint if stopped, started afresh if the checkpoint is from other settings."""
+    old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
+    if old is not None and old["config"] == json.loads(json.dumps(cfg)):
+        tqdm.write(f"skip {name}: {folder}/history.json exists with the same config")
+        return old, True
+    try:
+        checkpointed_rounds(folder, cfg, prepared)
+    except ValueError as err:
+        tqdm.write(f"restart {name}: {err}")
+        forget_checkpoint(folder)
+    return run_one(cfg, prepared, folder, runtime, progress=False, verbose=False), False
 
 
 def write_table(args: argparse.Namespace, records: dict[tuple, dict], out: Path) -> None:
@@ -838,18 +844,12 @@ def matrix(args: argparse.Namespace, plan: list[tuple[tuple, dict, tuple]], runt
     for key, cfg, prepared in tqdm(plan, desc="runs", unit="run"):
         split, rule, attack, frac, seed = key
         folder = out / split.replace(":", "-") / rule / f"{attack}-{frac:g}" / f"seed{seed}"
-        old = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else None
-        if old is not None and old["config"] == json.loads(json.dumps(cfg)):
-            records[key] = old
-            continue
-        try:
-            checkpointed_rounds(folder, cfg, prepared)
-        except ValueError as err:
-            tqdm.write(f"restart {folder}: {err}")
-            forget_checkpoint(folder)
-        records[key] = run_one(cfg, prepared, folder, runtime, progress=False, verbose=False)
-        tqdm.write(f"done {split} {rule} {attack} {frac:g} seed{seed}: accuracy {records[key]['final_accuracy']:.4f}, "
-                   f"backdoor {records[key]['backdoor_success']:.4f}, {records[key]['seconds']:.1f} s")
+        name = f"{split} {rule} {attack} {frac:g} seed{seed}"
+        records[key], skipped = run_or_resume(folder, cfg, prepared, runtime, name)
+        rec = records[key]
+        if not skipped:
+            tqdm.write(f"done {name}: accuracy {rec['final_accuracy']:.4f}, backdoor {rec['backdoor_success']:.4f}, "
+                       f"{rec['seconds']:.1f} s")
     write_matrix(args, records, out)
 
 

@@ -94,14 +94,18 @@ def test_quick_benchmark(tmp_path):
             assert t["pass"], t
 
 
+def run_quick(script: str, out) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run benchmarks/`script` --quick into `out`; its exit code must be 0 (the script's own checks passed)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text())
+
+
 def test_quick_privacy_benchmark(tmp_path):
     """benchmarks/bench_privacy.py --quick: plain and DP runs, their paired ratio, and the check that
     z = 0, C = inf gives plain FedAvg's bits (the script exits 1 if not). No assertion on timings."""
-    out = tmp_path / "privacy.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_privacy.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    proc, result = run_quick("bench_privacy.py", tmp_path / "privacy.json")
     assert result["z0_cinf_bit_identical"] is True
     assert [r["setting"] for r in result["runs"]] == ["plain", "dp"]
     for r in result["runs"]:
@@ -118,11 +122,7 @@ def test_quick_secagg_benchmark(tmp_path):
     """benchmarks/bench_secagg.py --quick: the protocol's bytes and seconds for each client count, graph and
     dropout rate, the engine settings and their paired ratios, and the check that the message sizes match
     the formula behind the Bonawitz et al. comparison (the script exits 1 if not). No assertion on timings."""
-    out = tmp_path / "secagg.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_secagg.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    proc, result = run_quick("bench_secagg.py", tmp_path / "secagg.json")
     assert result["protocol_formula_matches"] is True
     assert {(r["n"], r["dropout"]) for r in result["protocol"]} == {(n, f) for n in (10, 20) for f in (0.0, 0.1, 0.3)}
     for r in result["protocol"]:

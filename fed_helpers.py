@@ -2852,6 +2852,7 @@ def secure_dp_mean(task: FedTask, clip: float, noise_multiplier: float, weight_c
     the clients (`DistributedNoise`): same q W, same noise on the sum, same epsilon. Each coordinate is
     quantized over [-r, r], r = C + `tail` x one client's noise std. Introduced in 10_secure_aggregation.
     """
+    _check_knob("tail", tail, 0, math.inf)
     central, (sizes, m) = dp_mean(task, clip, noise_multiplier, weight_cap), _per_round(task)
     dp = DistributedNoise(clip, noise_multiplier, central.weight_cap, central.expected_weight, m)
     cfg = SecAggConfig(len(sizes), task.client_fraction, task.seed, clip + tail * dp.client_std(),

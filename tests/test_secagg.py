@@ -424,6 +424,8 @@ def test_secure_dp_without_noise_is_dp_mean_within_the_quantization(task):
         fh.secure_dp_mean(task, clip, 1.0, weight_cap=0)
     with pytest.raises(ValueError, match="clip"):
         fh.secure_dp_mean(task, -1.0, 1.0)
+    with pytest.raises(ValueError, match="tail"):
+        fh.secure_dp_mean(task, clip, 1.0, tail=-1.0)
 
 
 @pytest.mark.parametrize("executor", ["ray-tasks", "actor-pool"])
